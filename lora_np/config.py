@@ -1,0 +1,100 @@
+"""The two configurations: the model's shape (ModelConfig) and the adapter's (LoraConfig).
+
+Both are frozen dataclasses that validate themselves on construction, so a bad value fails
+at the line that wrote it, with a message naming the field, the value and what is allowed.
+"""
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+# The linear weights LoRA can adapt. W_e, W_p (lookups) and W_u (the output head) are not
+# offered: the paper adapts only the attention weights, and the reference implementations
+# treat embeddings separately.
+LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
+LORA_INITS = ("gaussian", "kaiming")
+
+
+def _check_int(name, value, minimum):
+    # bool is an Integral in Python; True as a layer count is a bug, not a 1.
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the tiny GPT (decoder-only, pre-LayerNorm, GPT-2 style)."""
+
+    vocab_size: int  # V: rows of W_e and W_u
+    context_length: int  # rows of W_p: the longest sequence the model accepts
+    d_model: int  # D: width of the residual stream
+    n_heads: int  # H: must divide D; each head is D/H wide
+    n_layers: int  # transformer blocks
+    d_mlp: int  # M: hidden width of the MLP (GPT-2 uses 4·D)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_mlp"):
+            _check_int(name, getattr(self, name), 1)
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
+                f"n_heads={self.n_heads}; allowed n_heads: "
+                f"{[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}"
+            )
+
+    def linear_shape(self, target):
+        """(d_out, d_in) of a block's linear weight, e.g. linear_shape("W_1") == (M, D)."""
+        D, M = self.d_model, self.d_mlp
+        shapes = {"W_q": (D, D), "W_k": (D, D), "W_v": (D, D), "W_o": (D, D), "W_1": (M, D), "W_2": (D, M)}
+        if target not in shapes:
+            raise ValueError(f"target must be one of {LORA_TARGETS}, got {target!r}")
+        return shapes[target]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What LoRA adapts and how (paper Section 4.1).
+
+    h = W0·x + s·B·A·x with A (r, d_in) random and B (d_out, r) zero at init, and
+    s = alpha / r (the paper) or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
+    """
+
+    r: int = 4  # rank of ΔW = B·A
+    alpha: float = 4.0  # the paper's α; with s = α/r, changing r needs no retuning of the lr
+    targets: tuple = ("W_q", "W_v")  # the paper's choice for GPT-3 (Section 7.1)
+    dropout: float = 0.0  # inverted dropout on the input of A, training only
+    init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+    def __post_init__(self):
+        _check_int("r", self.r, 1)
+        if not isinstance(self.alpha, Real) or isinstance(self.alpha, bool):
+            raise TypeError(f"alpha must be a real number, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.targets, str):
+            raise TypeError(
+                f"targets must be a sequence of names such as ('W_q', 'W_v'), got the string {self.targets!r}"
+            )
+        targets = tuple(self.targets)
+        for t in targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {t!r} in targets; valid targets are {LORA_TARGETS}")
+        if not targets:
+            raise ValueError(f"targets must name at least one of {LORA_TARGETS}, got an empty sequence")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets must not repeat a name, got {targets}")
+        object.__setattr__(self, "targets", targets)  # a list given becomes a tuple
+        if not isinstance(self.dropout, Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
+
+    @property
+    def scaling(self):
+        """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora."""
+        return float(self.alpha) / (math.sqrt(self.r) if self.rslora else self.r)

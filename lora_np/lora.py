@@ -1,0 +1,132 @@
+"""LoRA adapters for the tiny GPT: creation, validation, merging (paper Sections 4.1 and 4.2).
+
+For every adapted weight W0 (d_out, d_in) of every block, an adapter is the pair
+
+    blocks.{l}.{target}.A : (r, d_in)    drawn at random
+    blocks.{l}.{target}.B : (d_out, r)   zero
+
+so that ΔW = s·B·A is zero at the start and the adapted model is exactly the pretrained one.
+After training, `merge` folds ΔW into W0 (W' = W0 + s·B·A, Section 4.2: "no additional
+inference latency"), and `unmerge` takes it out again. Both return new dicts; nothing is
+mutated, so a weight cannot be merged twice by accident.
+
+Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
+"""
+
+import numpy as np
+
+from .config import LoraConfig, ModelConfig
+from .params import Params, check_seed
+
+
+def adapter_names(cfg, lora):
+    """The adapter arrays a model needs, as {name: shape}, in a fixed order (blocks, targets, A then B)."""
+    names = {}
+    for l in range(cfg.n_layers):
+        for t in lora.targets:
+            d_out, d_in = cfg.linear_shape(t)
+            names[f"blocks.{l}.{t}.A"] = (lora.r, d_in)
+            names[f"blocks.{l}.{t}.B"] = (d_out, lora.r)
+    return names
+
+
+def check_rank(cfg, lora):
+    """r must not exceed min(d_out, d_in) of any target: beyond it B·A cannot gain rank."""
+    for t in lora.targets:
+        d_out, d_in = cfg.linear_shape(t)
+        if lora.r > min(d_out, d_in):
+            raise ValueError(
+                f"r must be between 1 and min(d_out, d_in) = {min(d_out, d_in)} for target {t} "
+                f"of shape (d_out, d_in) = {(d_out, d_in)}, got r={lora.r}"
+            )
+
+
+def init_lora(cfg, lora, seed):
+    """Fresh adapters: A random, B = 0 (paper Section 4.1), so ΔW = B·A = 0 at the start.
+
+    init="gaussian" (the paper's "random Gaussian initialization for A"): A ~ N(0, 1/d_in).
+    The paper gives no σ; 1/sqrt(d_in) keeps each entry of A·x at the scale of one entry of x.
+    init="kaiming": A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), what loralib and PEFT get from
+    kaiming_uniform_(a=sqrt(5)).
+
+    Inputs:
+    - cfg: ModelConfig
+    - lora: LoraConfig
+    - seed: int >= 0
+
+    Returns:
+    - adapters: dict name -> float64 array, names and shapes as in adapter_names
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    check_seed(seed)
+    check_rank(cfg, lora)
+    rng = np.random.default_rng(seed)
+    adapters = {}
+    for name, shape in adapter_names(cfg, lora).items():
+        if name.endswith(".B"):
+            adapters[name] = np.zeros(shape)
+            continue
+        d_in = shape[1]
+        if lora.init == "gaussian":
+            adapters[name] = rng.normal(0.0, 1.0 / np.sqrt(d_in), size=shape)
+        else:
+            bound = 1.0 / np.sqrt(d_in)
+            adapters[name] = rng.uniform(-bound, bound, size=shape)
+    return adapters
+
+
+def check_adapters(params, adapters, lora):
+    """Raise a clear error unless `adapters` fit `params` under `lora`: names, shapes, dtype."""
+    if not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a LoraConfig when adapters are given, got {type(lora).__name__}")
+    if not isinstance(adapters, dict):
+        raise TypeError(f"adapters must be a dict of name -> array, got {type(adapters).__name__}")
+    cfg = params.config
+    check_rank(cfg, lora)
+    expected = adapter_names(cfg, lora)
+    missing = [n for n in expected if n not in adapters]
+    extra = [n for n in adapters if n not in expected]
+    if missing or extra:
+        raise ValueError(
+            f"adapters do not fit targets={lora.targets} with n_layers={cfg.n_layers}: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}"
+        )
+    dtype = params["W_e"].dtype
+    for name, shape in expected.items():
+        a = adapters[name]
+        if not isinstance(a, np.ndarray) or a.shape != shape:
+            got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"adapter {name} must have shape {shape} for r={lora.r}, got {got}")
+        if a.dtype != dtype:
+            raise ValueError(f"adapter {name} has dtype {a.dtype}, but the params are {dtype}; cast one to the other")
+
+
+def delta_weight(adapters, lora, name):
+    """ΔW = s·B·A for the weight `name` (e.g. "blocks.0.W_q"), shape (d_out, d_in)."""
+    return lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
+
+
+def _fold(params, adapters, lora, sign):
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be a lora_np Params (from init_params), got {type(params).__name__}")
+    check_adapters(params, adapters, lora)
+    out = params.copy()  # a shallow copy: untouched arrays are shared, adapted ones replaced
+    for l in range(params.config.n_layers):
+        for t in lora.targets:
+            name = f"blocks.{l}.{t}"
+            out[name] = params[name] + sign * delta_weight(adapters, lora, name)
+    return out
+
+
+def merge(params, adapters, lora):
+    """W' = W0 + s·B·A for every target (paper Section 4.2). Returns a new Params; inputs untouched."""
+    return _fold(params, adapters, lora, +1.0)
+
+
+def unmerge(merged, adapters, lora):
+    """W0 = W' - s·B·A for every target, the inverse of merge up to round-off. Returns a new Params."""
+    return _fold(merged, adapters, lora, -1.0)

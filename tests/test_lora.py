@@ -1,0 +1,181 @@
+"""LoRA's invariants, each a property test over drawn shapes, ranks, targets and values."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora_np.model
+from lora_np import (
+    LORA_TARGETS,
+    LoraConfig,
+    ModelConfig,
+    init_lora,
+    init_params,
+    merge,
+    model_backward,
+    model_forward,
+    unmerge,
+)
+from lora_np.lora import delta_weight
+
+configs = st.builds(
+    ModelConfig,
+    vocab_size=st.integers(2, 9),
+    context_length=st.just(6),
+    d_model=st.sampled_from([4, 6, 8]),
+    n_heads=st.sampled_from([1, 2]),
+    n_layers=st.integers(1, 2),
+    d_mlp=st.integers(4, 10),
+)
+target_sets = st.lists(st.sampled_from(LORA_TARGETS), min_size=1, max_size=6, unique=True)
+
+
+@st.composite
+def setups(draw, trained=True, min_T=1):
+    """A model, LoRA config, adapters (B non-zero unless trained=False) and a batch of tokens."""
+    cfg = draw(configs)
+    lora = LoraConfig(
+        r=draw(st.integers(1, 4)),
+        alpha=draw(st.floats(0.5, 16.0)),
+        targets=tuple(draw(target_sets)),
+        init=draw(st.sampled_from(["gaussian", "kaiming"])),
+        rslora=draw(st.booleans()),
+    )
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed)
+    for k in params:  # move away from init so the layers are not near-identity
+        params[k] = params[k] + 0.2 * rng.normal(size=params[k].shape)
+    adapters = init_lora(cfg, lora, seed + 1)
+    if trained:  # stand-in for a trained adapter: B non-zero
+        for k in adapters:
+            if k.endswith(".B"):
+                adapters[k] = rng.normal(size=adapters[k].shape)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, draw(st.integers(min_T, 6))))
+    return cfg, lora, params, adapters, tokens, rng
+
+
+@given(setups(trained=False))
+def test_zero_init_is_exactly_the_base_model(setup):
+    cfg, lora, params, adapters, tokens, _ = setup
+    base, _ = model_forward(params, tokens)
+    adapted, _ = model_forward(params, tokens, adapters, lora)
+    np.testing.assert_array_equal(adapted, base)  # bit for bit: B = 0 adds exact zeros
+
+
+# T >= 2: with a single position, attention puts weight 1 on it whatever q and k are, so
+# ∂L/∂W_q and ∂L/∂W_k (and their dB) are exactly zero for a reason unrelated to LoRA.
+@given(setups(trained=False, min_T=2))
+def test_at_zero_init_dA_is_zero_and_dB_is_not(setup):
+    cfg, lora, params, adapters, tokens, rng = setup
+    logits, cache = model_forward(params, tokens, adapters, lora)
+    grads = model_backward(rng.normal(size=logits.shape), cache)
+    for name, g in grads.items():
+        if name.endswith(".A"):
+            assert np.all(g == 0.0), f"{name}: ∂L/∂A = s·Bᵀ·g·xᵀ must be exactly 0 at B = 0"
+        else:
+            assert np.abs(g).max() > 0.0, f"{name}: ∂L/∂B = s·g·(A·x)ᵀ must not vanish at init"
+
+
+@given(setups())
+def test_merged_forward_equals_unmerged(setup):
+    cfg, lora, params, adapters, tokens, _ = setup
+    unmerged_logits, _ = model_forward(params, tokens, adapters, lora)
+    merged_logits, _ = model_forward(merge(params, adapters, lora), tokens)
+    err = np.abs(merged_logits - unmerged_logits).max() / np.abs(unmerged_logits).max()
+    assert err < 1e-12, f"merged and unmerged logits differ by {err:.2e} relative"
+
+
+@given(setups())
+def test_unmerge_recovers_base_and_nothing_is_mutated(setup):
+    cfg, lora, params, adapters, tokens, _ = setup
+    before = {k: v.copy() for k, v in params.items()}
+    merged = merge(params, adapters, lora)
+    restored = unmerge(merged, adapters, lora)
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])  # merge did not touch its input
+        # (W0 + ΔW) - ΔW rounds twice, each time by at most half an ulp of |W0| + |ΔW|
+        delta = delta_weight(adapters, lora, k) if k.endswith(lora.targets) else 0.0
+        scale = np.abs(params[k]).max() + np.abs(delta).max()
+        np.testing.assert_allclose(restored[k], params[k], rtol=0, atol=4e-16 * max(scale, 1.0))
+    for l in range(cfg.n_layers):
+        for t in lora.targets:
+            assert not np.array_equal(merged[f"blocks.{l}.{t}"], params[f"blocks.{l}.{t}"])
+
+
+@given(setups())
+def test_rank_of_delta_w_is_at_most_r(setup):
+    cfg, lora, params, adapters, _, _ = setup
+    for l in range(cfg.n_layers):
+        for t in lora.targets:
+            dW = delta_weight(adapters, lora, f"blocks.{l}.{t}")
+            assert dW.shape == cfg.linear_shape(t)
+            assert np.linalg.matrix_rank(dW) <= lora.r
+
+
+@given(setups())
+def test_doubling_alpha_doubles_delta_w(setup):
+    cfg, lora, params, adapters, _, _ = setup
+    lora2 = LoraConfig(lora.r, 2 * lora.alpha, lora.targets, lora.dropout, lora.init, lora.rslora)
+    for l in range(cfg.n_layers):
+        for t in lora.targets:
+            name = f"blocks.{l}.{t}"
+            # exact: doubling is exact in binary floating point, and s·(B·A) is computed once
+            np.testing.assert_array_equal(delta_weight(adapters, lora2, name), 2 * delta_weight(adapters, lora, name))
+
+
+@given(setups())
+def test_frozen_weights_get_no_gradient_and_none_is_formed(setup):
+    cfg, lora, params, adapters, tokens, rng = setup
+    calls = []
+    original = lora_np.model.linear_backward
+
+    def spy(dout, cache, **kw):
+        calls.append(kw)
+        return original(dout, cache, **kw)
+
+    lora_np.model.linear_backward = spy
+    try:
+        logits, cache = model_forward(params, tokens, adapters, lora)
+        grads = model_backward(rng.normal(size=logits.shape), cache)
+    finally:
+        lora_np.model.linear_backward = original
+    assert set(grads) == set(adapters)  # only the adapters: no entry at all for a frozen weight
+    # every plain linear layer (the non-targets and W_u) ran its backward without forming dW
+    assert calls and all(kw["need_dW"] is False and kw["need_db"] is False for kw in calls)
+
+
+@settings(max_examples=10)
+@given(setups())
+def test_full_fine_tuning_is_the_same_code_with_everything_trainable(setup):
+    cfg, lora, params, adapters, tokens, rng = setup
+    logits, cache = model_forward(params, tokens)
+    grads = model_backward(rng.normal(size=logits.shape), cache)
+    assert set(grads) == set(params)
+    for k, g in grads.items():
+        assert g.shape == params[k].shape, k
+
+
+def test_init_is_deterministic_and_seeded():
+    cfg = ModelConfig(vocab_size=5, context_length=4, d_model=8, n_heads=2, n_layers=2, d_mlp=8)
+    lora = LoraConfig(r=2, targets=LORA_TARGETS)
+    a, b, c = init_params(cfg, 7), init_params(cfg, 7), init_params(cfg, 8)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["W_e"], c["W_e"])
+    x, y = init_lora(cfg, lora, 3), init_lora(cfg, lora, 3)
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_lora_init_distributions():
+    """Gaussian A ~ N(0, 1/d_in); kaiming A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)); B = 0 in both."""
+    cfg = ModelConfig(vocab_size=5, context_length=4, d_model=256, n_heads=4, n_layers=1, d_mlp=512)
+    for init in ("gaussian", "kaiming"):
+        ad = init_lora(cfg, LoraConfig(r=64, targets=("W_q", "W_2"), init=init), 0)
+        for t, d_in in (("W_q", 256), ("W_2", 512)):
+            A, B = ad[f"blocks.0.{t}.A"], ad[f"blocks.0.{t}.B"]
+            assert np.all(B == 0)
+            if init == "gaussian":
+                assert abs(A.std() * np.sqrt(d_in) - 1.0) < 0.02
+            else:
+                assert np.abs(A).max() <= 1 / np.sqrt(d_in)
+                assert abs(A.std() * np.sqrt(3 * d_in) - 1.0) < 0.02  # U(-a, a) has std a/sqrt(3)
