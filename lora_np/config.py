@@ -8,9 +8,9 @@ import math
 from dataclasses import dataclass
 from numbers import Integral, Real
 
-# The linear weights LoRA can adapt. W_e, W_p (lookups) and W_u (the output head) are not
-# offered: the paper adapts only the attention weights, and the reference implementations
-# treat embeddings separately.
+# The linear weights LoRA can adapt. The paper studies the attention weights and leaves the
+# MLP to future work (Section 4.2); W_1 and W_2 are offered as that extension. W_e, W_p
+# (lookups) and W_u (the output head) are not offered.
 LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
 LORA_INITS = ("gaussian", "kaiming")
 
@@ -87,7 +87,9 @@ class LoraConfig:
         if len(set(targets)) != len(targets):
             raise ValueError(f"targets must not repeat a name, got {targets}")
         object.__setattr__(self, "targets", targets)  # a list given becomes a tuple
-        if not isinstance(self.dropout, Real) or not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, Real) or isinstance(self.dropout, bool):
+            raise TypeError(f"dropout must be a number, got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")

@@ -54,13 +54,13 @@ def rel_error(a, b):
     return 0.0 if scale == 0.0 else float(np.abs(a - b).max() / scale)
 
 
-def assert_grad_close(name, analytic, numeric, tol=1e-7, atol=1e-8):
+def assert_grad_close(name, analytic, numeric, tol=1e-7, atol=0.0):
     """Check a gradient; raise AssertionError naming the tensor, its shape, the errors and a few values.
 
-    Passes when rel_error < tol, or when every entry differs by less than atol. The second
-    test is for gradients that are zero in exact arithmetic (∂L/∂b_k is one: softmax ignores
-    a shift that all keys share), which finite differences only know to their noise,
-    about 1e-16·|L|/h ≈ 1e-10 here, so no relative error can be small.
+    Passes when rel_error < tol, or when every entry differs by less than atol. Leave atol
+    at 0 except for a gradient known to be zero in exact arithmetic (∂L/∂b_k is one: softmax
+    ignores a shift that all keys share), which finite differences only know to their
+    noise, about 1e-16·|L|/h ≈ 1e-10, so no relative error can be small.
 
     Returns the relative error.
     """

@@ -14,7 +14,9 @@ W0 ∈ R^{d×k}; tokens are rows, so the column-vector formula h = W0·x reads
 
 Frozen means not computed (STYLE rule 7): the backward of a layer with parameters takes
 `need_d<param>` flags, and a gradient that is not needed is never formed; its slot in the
-returned tuple is None.
+returned tuple is None. The LoRA layer treats W0 and b as frozen by definition: its backward
+returns (dx, dA, dB) and has no slot for them (a bias that trains alongside the adapters is
+handled by the model, which sums g over positions).
 
 References
 - Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3).
@@ -128,6 +130,9 @@ def lora_linear_backward(dout, cache, *, need_dA=True, need_dB=True):
         ∂L/∂A = s·Bᵀ·g·xᵀ           (r, d_in)
         ∂L/∂x = W0ᵀ·g + s·Aᵀ·Bᵀ·g   (d_in,)
 
+    With dropout, the LoRA branch sees m⊙x instead of x (m the scaled mask), so x becomes
+    m⊙x in ∂L/∂A and the second term of ∂L/∂x is m⊙(s·Aᵀ·Bᵀ·g).
+
     Batched over N positions (rows), each outer product becomes a sum over rows, a matmul.
     The products are ordered so that nothing d_out × d_in is ever formed: Bᵀ·g is r wide,
     and it is reused by dA and dx.
@@ -147,7 +152,7 @@ def lora_linear_backward(dout, cache, *, need_dA=True, need_dB=True):
     dx = g @ W  # (N, d_in)   W0ᵀ·g, the frozen path
     dB = scaling * (g.T @ xA) if need_dB else None  # ∂L/∂B = s·g·(A·x)ᵀ, (d_out, N)@(N, r)
     dxA = scaling * (g @ B)  # (N, r)   s·Bᵀ·g, the gradient at A·x
-    dA = dxA.T @ xd if need_dA else None  # ∂L/∂A = s·Bᵀ·g·xᵀ, (r, N)@(N, d_in)
+    dA = dxA.T @ xd if need_dA else None  # ∂L/∂A = s·Bᵀ·g·xᵀ (x after dropout), (r, N)@(N, d_in)
     dxd = dxA @ A  # (N, d_in)   Aᵀ·(s·Bᵀ·g)
     # in the forward pass this was xd = x * mask, so the gradient passes through the mask
     dx += dxd if mask is None else dxd * mask
@@ -202,6 +207,7 @@ def layernorm_forward(x, gamma, beta, eps=LN_EPS):
     Inputs:
     - x: (..., D)
     - gamma, beta: (D,)
+    - eps: added to the variance, so a constant row does not divide by zero
 
     Returns:
     - out: (..., D)
@@ -221,6 +227,11 @@ def layernorm_backward(dout, cache, *, need_dgamma=True, need_dbeta=True):
     With xhat = (x - μ)·rstd, the mean and the variance both depend on x, which gives
 
         dx = rstd · (dxhat - mean(dxhat) - xhat · mean(dxhat · xhat)),  dxhat = dout · gamma
+
+    Inputs:
+    - dout: (..., D)
+    - cache: from layernorm_forward
+    - need_dgamma, need_dbeta: form these gradients; False for frozen LayerNorm parameters
 
     Returns:
     - dx: (..., D)
@@ -256,7 +267,8 @@ def gelu_forward(x):
     - out: same shape as x
     - cache: (x, t) with t = tanh(c·(x + 0.044715·x³)), kept so backward need not recompute it
     """
-    t = np.tanh(GELU_C * (x + 0.044715 * x**3))
+    # x*x*x, not x**3: NumPy sends a float power to pow(), about 30x slower here
+    t = np.tanh(GELU_C * (x + 0.044715 * (x * x * x)))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
@@ -265,11 +277,15 @@ def gelu_backward(dout, cache):
 
     d/dx [0.5·x·(1 + t)] = 0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²)
 
+    Inputs:
+    - dout: same shape as the forward's x
+    - cache: from gelu_forward
+
     Returns:
     - dx: same shape as dout
     """
     x, t = cache
-    dtanh_arg = GELU_C * (1.0 + 3 * 0.044715 * x**2)
+    dtanh_arg = GELU_C * (1.0 + 3 * 0.044715 * (x * x))
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dtanh_arg)
 
 
@@ -286,7 +302,8 @@ def attention_forward(q, k, v, n_heads):
 
     Returns:
     - y: (B, T, D), the heads merged back
-    - cache: (qh, kh, vh, att, scale)
+    - cache: (qh, kh, vh, att, scale). The softmax output att (B, H, T, T) is kept: backward
+      needs it, and recomputing it would cost the whole forward again. The scores are not.
     """
     Bsz, T, D = q.shape
     hs = D // n_heads
@@ -312,6 +329,10 @@ def attention_forward(q, k, v, n_heads):
 
 def attention_backward(dy, cache):
     """Backward of attention_forward, stages undone in reverse (5, 4, 3, 2, 1).
+
+    Inputs:
+    - dy: (B, T, D)
+    - cache: from attention_forward
 
     Returns:
     - dq, dk, dv: (B, T, D) each
@@ -352,6 +373,15 @@ def cross_entropy_forward(logits, targets):
     - loss: float, mean of -log p(target)
     - cache: (probs, targets)
     """
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without V), got {targets.shape}")
+    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= V:
+        # a negative id would silently index from the end
+        raise ValueError(
+            f"targets must be integer ids in [0, V) = [0, {V}), got {targets.dtype} "
+            f"in [{targets.min()}, {targets.max()}]"
+        )
     z = logits - logits.max(axis=-1, keepdims=True)  # shift for stability; softmax unchanged
     logsumexp = np.log(np.exp(z).sum(axis=-1, keepdims=True))
     logp = z - logsumexp  # (..., V) log-softmax
@@ -365,13 +395,15 @@ def cross_entropy_backward(dloss, cache):
 
     Inputs:
     - dloss: float, upstream gradient of the scalar loss (1.0 for the loss itself)
+    - cache: from cross_entropy_forward
 
     Returns:
-    - dlogits: (..., V)
+    - dlogits: (..., V), in the dtype of the logits
     """
     probs, targets = cache
     V = probs.shape[-1]
     dlogits = probs.copy()
     d2 = dlogits.reshape(-1, V)  # (N, V), a view of dlogits
     d2[np.arange(d2.shape[0]), targets.reshape(-1)] -= 1.0  # softmax - onehot
-    return dlogits * (dloss / targets.size)
+    dlogits *= float(dloss) / targets.size  # in place with a Python float: float32 stays float32
+    return dlogits

@@ -7,8 +7,9 @@ For every adapted weight W0 (d_out, d_in) of every block, an adapter is the pair
 
 so that ΔW = s·B·A is zero at the start and the adapted model is exactly the pretrained one.
 After training, `merge` folds ΔW into W0 (W' = W0 + s·B·A, Section 4.2: "no additional
-inference latency"), and `unmerge` takes it out again. Both return new dicts; nothing is
-mutated, so a weight cannot be merged twice by accident.
+inference latency"), and `unmerge` takes it out again. Both return new dicts and leave their
+inputs untouched, so the base weights are never lost; merging the result of a merge again
+would add ΔW twice, and nothing can tell a merged Params from a base one.
 
 Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
 """

@@ -194,6 +194,7 @@ def model_forward(params, tokens, adapters=None, lora=None, *, train=False, rng=
         "names": list(params) + (list(adapters) if adapters is not None else []),
         "default_trainable": list(adapters) if adapters is not None else list(params),
         "adapted": lora.targets if adapters is not None else (),
+        "logits": (logits.shape, logits.dtype),
         "tok": c_tok,
         "pos": c_pos,
         "blocks": blocks,
@@ -213,13 +214,13 @@ def _resolve_trainable(trainable, cache):
     unknown = sorted(want - known)
     if unknown:
         raise ValueError(
-            f"trainable names {unknown[:4]} that are neither parameters nor adapters of this forward pass; "
+            f"unknown trainable names {unknown[:4]}: neither parameters nor adapters of this forward pass; "
             f"known names look like 'blocks.0.W_q', 'blocks.0.W_q.A', 'ln_f.gamma'"
         )
     both = sorted(n for n in want if n.rsplit(".", 1)[-1] in cache["adapted"])
     if both:
         raise ValueError(
-            f"trainable names frozen weights {both[:4]} that carry LoRA adapters; "
+            f"trainable includes {both[:4]}, frozen weights that carry LoRA adapters; "
             f"train the adapters (.A, .B) or run without adapters, not both"
         )
     return want
@@ -231,12 +232,17 @@ def model_backward(dlogits, cache, trainable=None):
     Inputs:
     - dlogits: (B, T, V), ∂L/∂logits (e.g. from cross_entropy_backward)
     - cache: from model_forward
-    - trainable: names of params and adapters to differentiate. Left out: every adapter
+    - trainable: names of params and adapters to differentiate. When None: every adapter
       entry when the forward had adapters, else every parameter.
 
     Returns:
     - grads: dict name -> array with the shape of that parameter, exactly the trainable names
     """
+    shape, dtype = cache["logits"]
+    if not isinstance(dlogits, np.ndarray) or dlogits.shape != shape or dlogits.dtype != dtype:
+        got = (dlogits.shape, dlogits.dtype) if isinstance(dlogits, np.ndarray) else type(dlogits).__name__
+        # a float64 dlogits would silently turn a float32 backward into float64
+        raise ValueError(f"dlogits must be an array of shape {shape} and dtype {dtype} like the logits, got {got}")
     want = _resolve_trainable(trainable, cache)
     grads = {}
     # logits = xf·W_uᵀ

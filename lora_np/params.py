@@ -58,7 +58,9 @@ def param_shapes(cfg):
 
 
 def check_seed(seed):
-    if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(seed, Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int >= 0, got {seed!r} ({type(seed).__name__})")
+    if seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
 

@@ -143,15 +143,34 @@ def test_trainable_names_checked(params):
     lora = LoraConfig(r=2)
     tokens = np.zeros((1, 3), dtype=np.int64)
     logits, cache = model_forward(params, tokens, init_lora(CFG, lora, 0), lora)
-    with pytest.raises(ValueError, match=r"trainable names \['blocks\.0\.W_qq\.A'\] that are neither"):
+    with pytest.raises(ValueError, match=r"unknown trainable names \['blocks\.0\.W_qq\.A'\]: neither"):
         model_backward(logits, cache, ["blocks.0.W_qq.A"])
-    with pytest.raises(ValueError, match=r"frozen weights \['blocks\.0\.W_q'\] that carry LoRA adapters"):
+    with pytest.raises(
+        ValueError, match=r"trainable includes \['blocks\.0\.W_q'\], frozen weights that carry LoRA adapters"
+    ):
         model_backward(logits, cache, ["blocks.0.W_q", "blocks.0.W_q.A"])
     with pytest.raises(TypeError, match=r"trainable must be a collection of names, got the string"):
         model_backward(logits, cache, "blocks.0.W_q.A")
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, "0"])
-def test_bad_seed(seed):
-    with pytest.raises(ValueError, match=r"seed must be an int >= 0, got"):
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.5, TypeError), ("0", TypeError), (True, TypeError)])
+def test_bad_seed(seed, error):
+    with pytest.raises(error, match=r"seed must be an int >= 0, got"):
         init_params(CFG, seed)
+
+
+def test_bad_dlogits(params):
+    logits, cache = model_forward(params, np.zeros((1, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"dlogits must be an array of shape \(1, 3, 10\) and dtype float64"):
+        model_backward(logits[:, :2], cache)
+    with pytest.raises(ValueError, match=r"dlogits must be an array of shape .* dtype float64.*float32"):
+        model_backward(logits.astype(np.float32), cache)
+
+
+def test_cross_entropy_targets_checked():
+    from lora_np.layers import cross_entropy_forward
+
+    with pytest.raises(ValueError, match=r"targets must be integer ids in \[0, V\) = \[0, 3\), got int64 in \[-1, 0\]"):
+        cross_entropy_forward(np.zeros((1, 2, 3)), np.array([[0, -1]]))
+    with pytest.raises(ValueError, match=r"targets must have shape \(1, 2\)"):
+        cross_entropy_forward(np.zeros((1, 2, 3)), np.array([0, 1]))

@@ -114,7 +114,7 @@ def test_lora_dropout_is_inverted_and_only_on_the_lora_input():
     assert np.allclose(out[kept, 0], 1 / 0.75)  # survivors scaled by 1/(1-p)
     assert abs(kept.mean() - 0.75) < 0.02  # about 1-p survive
     assert abs(out.mean() - 1.0) < 0.03  # so the expectation is unchanged
-    # dropout off: the same x through W0 = 1 gives back x in full, whatever the rng
+    # the LoRA branch off (B = 0): W0 = 1 sees the clean x, so nothing is dropped on its path
     out2, _ = lora_linear_forward(x, np.ones((1, 1)), b, A, np.zeros((1, 1)), 1.0, dropout=0.25, rng=rng)
     assert np.all(out2 == 1.0)
 
@@ -138,7 +138,9 @@ def test_embedding(n_rows, D, B, T, seed):
     check("dW", embedding_backward(dout, cache), lambda: embedding_forward(ids, W)[0], W, dout)
 
 
-@given(N=dims, D=st.integers(2, 8), scale=st.floats(0.5, 10.0), seed=seeds)
+# D >= 3: with D = 2 a normalized row is always (-1, 1) up to eps, so dx is ~eps-small and
+# only the finite-difference noise is left to compare.
+@given(N=dims, D=st.integers(3, 8), scale=st.floats(0.5, 10.0), seed=seeds)
 def test_layernorm(N, D, scale, seed):
     rng = np.random.default_rng(seed)
     # LayerNorm's curvature grows like 1/std³: a row whose entries nearly coincide is
@@ -179,11 +181,14 @@ def test_gelu(shape, scale, seed):
 
 
 def test_gelu_known_values():
+    import math
+
     # GELU(0) = 0; GELU(x) -> x for large x; GELU(x) -> 0 for very negative x
-    out, _ = gelu_forward(np.array([0.0, 10.0, -10.0, 1.0]))
+    out, _ = gelu_forward(np.array([0.0, 10.0, -10.0, 1.0, -1.0]))
     assert out[0] == 0.0 and abs(out[1] - 10.0) < 1e-12 and abs(out[2]) < 1e-12
-    c = np.sqrt(2 / np.pi)
-    assert abs(out[3] - 0.5 * (1 + np.tanh(c * 1.044715))) < 1e-15
+    # the exact GELU is x·Φ(x); the tanh approximation stays within 2e-4 of it near |x| = 1
+    for x, y in ((1.0, out[3]), (-1.0, out[4])):
+        assert abs(y - x * 0.5 * (1 + math.erf(x / math.sqrt(2)))) < 2e-4
 
 
 @given(B=st.integers(1, 3), T=dims, H=st.integers(1, 3), hs=st.integers(1, 4), seed=seeds)

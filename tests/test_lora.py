@@ -103,6 +103,8 @@ def test_unmerge_recovers_base_and_nothing_is_mutated(setup):
             assert not np.array_equal(merged[f"blocks.{l}.{t}"], params[f"blocks.{l}.{t}"])
 
 
+# An invariant of the construction, kept as the issue lists it: any B·A with inner size r has
+# rank <= r. What it can catch here is a ΔW built from the wrong factors or shapes.
 @given(setups())
 def test_rank_of_delta_w_is_at_most_r(setup):
     cfg, lora, params, adapters, _, _ = setup
@@ -127,22 +129,35 @@ def test_doubling_alpha_doubles_delta_w(setup):
 @given(setups())
 def test_frozen_weights_get_no_gradient_and_none_is_formed(setup):
     cfg, lora, params, adapters, tokens, rng = setup
-    calls = []
-    original = lora_np.model.linear_backward
+    calls = {"linear_backward": [], "layernorm_backward": [], "embedding_backward": []}
+    originals = {name: getattr(lora_np.model, name) for name in calls}
 
-    def spy(dout, cache, **kw):
-        calls.append(kw)
-        return original(dout, cache, **kw)
+    def spy(name):
+        def wrapped(dout, cache, **kw):
+            calls[name].append(kw)
+            return originals[name](dout, cache, **kw)
 
-    lora_np.model.linear_backward = spy
+        return wrapped
+
+    for name in calls:
+        setattr(lora_np.model, name, spy(name))
     try:
         logits, cache = model_forward(params, tokens, adapters, lora)
         grads = model_backward(rng.normal(size=logits.shape), cache)
     finally:
-        lora_np.model.linear_backward = original
+        for name, f in originals.items():
+            setattr(lora_np.model, name, f)
     assert set(grads) == set(adapters)  # only the adapters: no entry at all for a frozen weight
-    # every plain linear layer (the non-targets and W_u) ran its backward without forming dW
-    assert calls and all(kw["need_dW"] is False and kw["need_db"] is False for kw in calls)
+    # every plain linear layer (the non-targets and W_u) ran its backward without forming dW, db
+    assert calls["linear_backward"] and all(not kw["need_dW"] and not kw["need_db"] for kw in calls["linear_backward"])
+    # LayerNorm gains and shifts, and the embeddings, are frozen too
+    assert all(not kw["need_dgamma"] and not kw["need_dbeta"] for kw in calls["layernorm_backward"])
+    assert calls["embedding_backward"] == []
+
+
+def test_scaling_is_alpha_over_r_or_over_sqrt_r():
+    assert LoraConfig(r=4, alpha=8.0).scaling == 2.0  # paper, Section 4.1: α/r
+    assert LoraConfig(r=4, alpha=8.0, rslora=True).scaling == 4.0  # rsLoRA: α/sqrt(r)
 
 
 @settings(max_examples=10)
