@@ -43,3 +43,106 @@ def make_all(out_dir, names=None):
             fig, numbers[name] = FIGURES[name]()
             save(fig, out_dir / name)
     return numbers
+
+
+# ==================================================================================================
+# params_vs_rank.png: trainable parameters against LoRA rank, GPT-3 175B.
+# Counts come from lora_np.counting; notebooks/01_parameter_counts.ipynb shows and explains it.
+# ==================================================================================================
+
+
+def _human_count(x, _pos=None):
+    """1e6 -> '1M', 3e10 -> '30B': tick labels a reader can take in at a glance."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:g}{unit}"
+    return f"{x:g}"
+
+
+def _human_bytes(x, _pos=None):
+    """Decimal units, as the paper writes them (350GB, 35MB)."""
+    for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if x >= div:
+            return f"{x / div:g} {unit}"
+    return f"{x:g} B"
+
+
+def draw_params_vs_rank():
+    """Trainable parameters of GPT-3 175B against the LoRA rank r, on log-log axes.
+
+    Full fine-tuning trains every weight whatever r is: a flat line. LoRA on n square (D, D)
+    matrices in each of L layers trains 2·n·L·D·r numbers (paper Section 5.1): a straight line of
+    slope 1. On W_q and W_v it becomes as large as those two matrices themselves at r = D/2 = 6,144.
+    Markers sit at the ranks of the paper's Table 6 (r = 1, 2, 4, 8, 64). The right axis reads the
+    same counts as an fp16 checkpoint (2 bytes a number).
+
+    Returns:
+    - fig: matplotlib Figure
+    - numbers: dict; "ranks" (list of int), "lora_qv" and "lora_qkvo" (lists, one count a rank),
+      "full" and "qv_weights" (int): counts of trainable numbers
+    """
+    # imported here to keep this section self-contained
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    from .counting import (
+        PAPER_MODELS,
+        block_shapes,
+        checkpoint_bytes,
+        gpt_params,
+        lora_transformer_params,
+        weight_params,
+    )
+
+    gpt3 = PAPER_MODELS["GPT-3 175B"]
+    L, D = gpt3["n_layers"], gpt3["d_model"]
+    shapes = block_shapes(D, gpt3["d_mlp"])
+    ranks = [2**k for k in range(14) if 2**k < D] + [D]  # 1, 2, 4, ..., 8192, then r = D = 12,288
+    paper_ranks = [1, 2, 4, 8, 64]  # Table 6
+
+    full = gpt_params(**gpt3)  # tied head, as in GPT-2, whose architecture GPT-3 uses
+    qv_weights = L * (weight_params(*shapes["W_q"]) + weight_params(*shapes["W_v"]))
+    lora_qv = [lora_transformer_params(L, {"W_q": r, "W_v": r}, shapes) for r in ranks]
+    lora_qkvo = [lora_transformer_params(L, dict.fromkeys(("W_q", "W_k", "W_v", "W_o"), r), shapes) for r in ranks]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    ax.axhline(full, color="black", lw=1.6, label=f"full fine-tuning: every weight ({_human_count(round(full, -8))})")
+    ax.axhline(
+        qv_weights, color="gray", ls="--", lw=1.2, label=f"full fine-tuning of W_q, W_v only ({qv_weights / 1e9:.1f}B)"
+    )
+    ax.plot(ranks, lora_qkvo, color="tab:orange", lw=1.6, label="LoRA on W_q, W_k, W_v, W_o")
+    ax.plot(ranks, lora_qv, color="tab:blue", lw=1.6, label="LoRA on W_q, W_v")
+    ax.plot(
+        paper_ranks,
+        [lora_qv[ranks.index(r)] for r in paper_ranks],
+        "o",
+        color="tab:blue",
+        ms=5,
+        label="ranks of the paper's Table 6",
+    )
+    ax.axvline(D // 2, color="tab:blue", ls=":", lw=1.0, label=f"r = d_model/2 = {D // 2:,}")
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks = [1, 4, 16, 64, 256, 1024, 4096, D]
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.set_xlim(0.8, D * 1.25)
+    ax.set_ylim(1e6, 1e12)
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    ax.yaxis.set_major_formatter(FuncFormatter(_human_count))
+    ax.set_xlabel("LoRA rank r (log scale)")
+    ax.set_ylabel("trainable parameters (count, log scale)")
+    ax.set_title(f"GPT-3 175B ({L} layers, d_model = {D:,}): trainable parameters against rank")
+
+    per_number = checkpoint_bytes(1, "float16")
+    right = ax.secondary_yaxis("right", functions=(lambda n: n * per_number, lambda b: b / per_number))
+    right.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    right.yaxis.set_major_formatter(FuncFormatter(_human_bytes))
+    right.set_ylabel("size in fp16 (2 bytes a parameter)")
+    ax.legend(loc="lower right", fontsize=8.5, framealpha=0.95)
+    fig.tight_layout()
+
+    numbers = {"ranks": ranks, "lora_qv": lora_qv, "lora_qkvo": lora_qkvo, "full": full, "qv_weights": qv_weights}
+    return fig, numbers
+
+
+FIGURES["params_vs_rank.png"] = draw_params_vs_rank

@@ -1,0 +1,266 @@
+"""Counting parameters and bytes: formulas, and the arrays of a real lora_np model to check them by.
+
+Dimension legend: L layers, D model width (the paper's d_model), M MLP width (the paper's d_ffn),
+V vocabulary, T context length, r rank, d_in / d_out a weight's input / output width.
+
+The one equation behind all of LoRA's savings (paper Section 4.1): a weight W0 of shape
+(d_out, d_in) has d_out·d_in numbers; its update ΔW = B·A with B (d_out, r) and A (r, d_in) has
+
+    r·d_in + d_out·r = r·(d_in + d_out)
+
+Summed over L layers and the adapted matrices, this is the paper's |Θ| = 2·L̂_LoRA·d_model·r
+(Section 5.1) when every adapted matrix is square (D, D).
+
+Three kinds of function live here:
+- formulas from shapes alone: weight_params, lora_params, block_shapes, lora_transformer_params,
+  gpt_params, and config_params / config_lora_params for a lora_np ModelConfig / LoraConfig;
+- count_arrays, which counts the numbers actually held by a Params or adapter dict, so the
+  formulas can be checked against a real model (tests/test_counting.py does, over many configs);
+- memory: checkpoint_bytes at a dtype's width, adam_state_numbers (Adam keeps two moments, m and v,
+  for every trainable number) and adam_state_bytes.
+
+Everything returns a Python int, which cannot overflow: GPT-3's counts pass 2**32.
+"""
+
+from collections.abc import Mapping
+from numbers import Integral
+
+import numpy as np
+
+from .config import LoraConfig, ModelConfig
+
+# Published shapes of the models the paper adapts: only what the counts need. d_mlp is 4·d_model
+# for all of them (the paper's convention d_ffn = 4 × d_model, Section 1, which each model's own
+# config also has). Sources, also cited in notebooks/01_parameter_counts.ipynb:
+#   GPT-2: Radford et al. 2019, Table 2 (layers, d_model) and Section 2.3 (V = 50,257, T = 1024).
+#   GPT-3 175B: Brown et al. 2020, Table 2.1 (96 layers, d_model = 12,288) and Section 2.1
+#   (d_ff = 4·d_model, n_ctx = 2048, GPT-2's architecture and tokenizer).
+#   RoBERTa: Liu et al. 2019; the released configs (roberta-base 12 x 768, roberta-large 24 x 1024).
+#   DeBERTa XXL: He et al. 2021, Section 5.3 ("48 layers with a hidden size of 1,536"); the released
+#   deberta-v2-xxlarge config (intermediate_size 6144).
+PAPER_MODELS = {
+    "GPT-2 Medium": {"n_layers": 24, "d_model": 1024, "d_mlp": 4096, "vocab_size": 50257, "context_length": 1024},
+    "GPT-2 Large": {"n_layers": 36, "d_model": 1280, "d_mlp": 5120, "vocab_size": 50257, "context_length": 1024},
+    "GPT-3 175B": {"n_layers": 96, "d_model": 12288, "d_mlp": 49152, "vocab_size": 50257, "context_length": 2048},
+    "RoBERTa base": {"n_layers": 12, "d_model": 768, "d_mlp": 3072},
+    "RoBERTa large": {"n_layers": 24, "d_model": 1024, "d_mlp": 4096},
+    "DeBERTa XXL": {"n_layers": 48, "d_model": 1536, "d_mlp": 6144},
+}
+
+
+def _check_count(name, value, minimum=1):
+    # bool is an Integral in Python; True as a width is a bug, not a 1.
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)  # a NumPy integer becomes a Python int, which cannot overflow
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def weight_params(d_out, d_in, bias=False):
+    """Numbers in a linear layer's weight W (d_out, d_in), plus its bias b (d_out,) if bias=True.
+
+        N = d_out·d_in  [+ d_out]
+
+    Inputs:
+    - d_out, d_in: int >= 1, the weight's output and input widths (the paper's d × k)
+    - bias: bool
+
+    Returns:
+    - int
+    """
+    d_out, d_in = _check_count("d_out", d_out), _check_count("d_in", d_in)
+    _check_bool("bias", bias)
+    return d_out * d_in + (d_out if bias else 0)
+
+
+def lora_params(d_out, d_in, r):
+    """Numbers in one LoRA adapter on a weight (d_out, d_in): A (r, d_in) plus B (d_out, r).
+
+        N = r·d_in + d_out·r = r·(d_in + d_out)
+
+    Compared with the weight's d_out·d_in this is a fraction r·(d_in + d_out) / (d_out·d_in),
+    which is 2r/d for a square (d, d) weight.
+
+    Inputs:
+    - d_out, d_in: int >= 1
+    - r: int, 1 <= r <= min(d_out, d_in) (beyond that B·A cannot gain rank; lora_np refuses it too)
+
+    Returns:
+    - int
+    """
+    d_out, d_in, r = _check_count("d_out", d_out), _check_count("d_in", d_in), _check_count("r", r)
+    if r > min(d_out, d_in):
+        raise ValueError(
+            f"r must be between 1 and min(d_out, d_in) = {min(d_out, d_in)} for a weight of shape "
+            f"(d_out, d_in) = {(d_out, d_in)}, got r={r}"
+        )
+    return r * (d_in + d_out)
+
+
+def block_shapes(d_model, d_mlp):
+    """(d_out, d_in) of the six linear weights of one transformer block, by lora_np's names.
+
+    W_q, W_k, W_v, W_o: (D, D)   W_1: (M, D)   W_2: (D, M)
+
+    These are the shapes for GPT-2/3, RoBERTa and DeBERTa alike (the paper treats each of W_q,
+    W_k, W_v as one d_model × d_model matrix, Section 4.2). Pass a dict of your own to
+    lora_transformer_params for anything else.
+    """
+    D, M = _check_count("d_model", d_model), _check_count("d_mlp", d_mlp)
+    return {"W_q": (D, D), "W_k": (D, D), "W_v": (D, D), "W_o": (D, D), "W_1": (M, D), "W_2": (D, M)}
+
+
+def _check_shapes(shapes):
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes must be a dict name -> (d_out, d_in), got {type(shapes).__name__}")
+    if not shapes:
+        raise ValueError("shapes must hold at least one name -> (d_out, d_in), got an empty dict")
+    for name, shape in shapes.items():
+        if not (isinstance(shape, tuple) and len(shape) == 2):
+            raise ValueError(f"shapes[{name!r}] must be a tuple (d_out, d_in), got {shape!r}")
+        _check_count(f"shapes[{name!r}][0] (d_out)", shape[0])
+        _check_count(f"shapes[{name!r}][1] (d_in)", shape[1])
+
+
+def lora_transformer_params(n_layers, ranks, shapes):
+    """Trainable numbers of LoRA on a whole transformer: every block adapts the same matrices.
+
+        N = L · Σ_{name in ranks} r_name·(d_in + d_out)
+
+    With one rank r on n square (D, D) matrices this is the paper's |Θ| = 2·L̂·D·r, L̂ = n·L.
+    Different ranks per matrix express the paper's tables directly, e.g. GPT-3 175B with
+    r_q = r_v = 8 (Table 4):
+
+        lora_transformer_params(96, {"W_q": 8, "W_v": 8}, block_shapes(12288, 4 * 12288))
+
+    Inputs:
+    - n_layers: int >= 1, the L blocks each carrying the same adapters
+    - ranks: non-empty dict name -> r, the adapted matrices and their ranks
+    - shapes: dict name -> (d_out, d_in) holding at least every name in ranks (see block_shapes)
+
+    Returns:
+    - int
+    """
+    n_layers = _check_count("n_layers", n_layers)
+    _check_shapes(shapes)
+    if not isinstance(ranks, Mapping):
+        raise TypeError(f"ranks must be a dict name -> rank, such as {{'W_q': 4, 'W_v': 4}}, got {ranks!r}")
+    if not ranks:
+        raise ValueError("ranks must name at least one adapted matrix, such as {'W_q': 4, 'W_v': 4}, got {}")
+    per_block = 0
+    for name, r in ranks.items():
+        if name not in shapes:
+            raise ValueError(f"ranks names {name!r}, which is not in shapes; shapes has {sorted(shapes)}")
+        try:
+            per_block += lora_params(*shapes[name], r)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"ranks[{name!r}]: {e}") from None  # say which matrix the bad rank was for
+    return n_layers * per_block
+
+
+def gpt_params(n_layers, d_model, d_mlp, vocab_size, context_length, tied_head=True):
+    """Every parameter of a GPT-2 style decoder (learned positions, biases everywhere, LayerNorm).
+
+        N = V·D + T·D                           token and position embeddings W_e, W_p
+          + L·(4·D² + 4·D                       W_q, W_k, W_v, W_o and their biases
+               + 2·D·M + M + D                  W_1 (M, D), W_2 (D, M) and their biases
+               + 4·D)                           two LayerNorms, gamma and beta each
+          + 2·D                                 final LayerNorm
+          [+ V·D]                               the output head W_u, unless tied to W_e
+
+    GPT-2 ties the head to the embedding (tied_head=True); lora_np's tiny GPT does not.
+
+    Inputs:
+    - n_layers, d_model, d_mlp, vocab_size, context_length: int >= 1 (L, D, M, V, T)
+    - tied_head: bool
+
+    Returns:
+    - int
+    """
+    L, D = _check_count("n_layers", n_layers), _check_count("d_model", d_model)
+    M, V = _check_count("d_mlp", d_mlp), _check_count("vocab_size", vocab_size)
+    T = _check_count("context_length", context_length)
+    _check_bool("tied_head", tied_head)
+    block = 4 * D * D + 4 * D + 2 * D * M + M + D + 4 * D
+    return V * D + T * D + L * block + 2 * D + (0 if tied_head else V * D)
+
+
+def config_params(cfg):
+    """Every parameter of the lora_np model `cfg` describes, by formula (the head is untied)."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    return gpt_params(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.context_length, tied_head=False)
+
+
+def config_lora_params(cfg, lora):
+    """Trainable numbers of the adapters `lora` puts on the lora_np model `cfg`, by formula."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    ranks = dict.fromkeys(lora.targets, lora.r)
+    return lora_transformer_params(cfg.n_layers, ranks, block_shapes(cfg.d_model, cfg.d_mlp))
+
+
+def count_arrays(arrays):
+    """The numbers a Params or adapter dict actually holds: Σ over its arrays of a.size.
+
+    Inputs:
+    - arrays: dict name -> np.ndarray (a Params, the dict init_lora returns, a gradient dict, ...)
+
+    Returns:
+    - int
+    """
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a dict name -> np.ndarray (a Params or adapters), got {type(arrays).__name__}")
+    total = 0
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"arrays[{name!r}] must be a np.ndarray, got {type(a).__name__}")
+        total += a.size
+    return int(total)
+
+
+def checkpoint_bytes(n_numbers, dtype="float16"):
+    """Bytes needed to store n_numbers floats of `dtype`: n · itemsize (fp16: 2, fp32: 4, fp64: 8).
+
+    Only the numbers: a real file adds names and headers, a few bytes per array.
+
+    Inputs:
+    - n_numbers: int >= 0
+    - dtype: a floating-point dtype NumPy knows, e.g. "float16" (the paper's FP16), "float32", np.float64
+
+    Returns:
+    - int
+    """
+    n_numbers = _check_count("n_numbers", n_numbers, minimum=0)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise ValueError(
+            f"dtype must be a floating-point dtype such as 'float16', 'float32' or 'float64', got {dtype!r}"
+        )
+    return n_numbers * dt.itemsize
+
+
+def adam_state_numbers(n_trainable):
+    """Numbers Adam (and AdamW) keeps besides the weights: two moments, m and v, per trainable number.
+
+        N_state = 2 · n_trainable
+
+    A frozen weight has no moments, which is where LoRA saves optimizer memory (Section 4.2).
+    """
+    return 2 * _check_count("n_trainable", n_trainable, minimum=0)
+
+
+def adam_state_bytes(n_trainable, dtype="float32"):
+    """Bytes of Adam's two moments for n_trainable numbers, each stored as `dtype`."""
+    return checkpoint_bytes(adam_state_numbers(n_trainable), dtype)

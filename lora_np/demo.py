@@ -1,0 +1,211 @@
+"""The demo behind `python -m lora_np`: pretrain, then fine-tune two ways, side by side.
+
+1. Pretrain a tiny GPT on plain word order ("the quick fox chases a red ball."), or reuse
+   the base model a previous run saved in the cache folder (its fingerprint checked).
+2. Fine-tune on Yoda's word order ("a red ball, the quick fox chases.") from the same
+   weights and with the same batches, twice: every weight (full fine-tuning), and LoRA.
+3. Report trainable parameters, optimizer state, file sizes, validation loss on the new
+   domain and on the old one (what was forgotten), time, samples, and the merge check.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_params, save_adapters, save_params
+from .config import LoraConfig, ModelConfig
+from .data import VOCAB, decode, encode, eval_windows, make_splits
+from .lora import check_rank, init_lora, merge
+from .model import model_forward
+from .optim import AdamW
+from .params import Params, cast, init_params
+from .train import evaluate, generate, train
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo's numbers depend on; the defaults are the README's run."""
+
+    steps: int = 300  # fine-tuning steps, the same for both methods
+    pretrain_steps: int = 800
+    rank: int = 4
+    alpha: float = 4.0
+    targets: tuple = ("W_q", "W_v")
+    lr: float = 1e-2  # LoRA's learning rate: adapters start at zero and tolerate a large one
+    full_lr: float = 1e-3  # full fine-tuning's: larger rates wreck the pretrained weights
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+    batch_size: int = 32
+    # the model: about 106k parameters, a few seconds per 100 steps on 2 cores
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            vocab_size=len(VOCAB), context_length=48, d_model=64, n_heads=4, n_layers=2, d_mlp=256
+        )
+    )
+    n_lines: tuple = (6000, 3000)  # sentences generated for the pretraining and fine-tuning domains
+
+    def lora(self):
+        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets)
+
+    def validate(self):
+        """Raise the API's own errors for bad values, before any work is done."""
+        for name in ("steps", "pretrain_steps", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {v!r}")
+        for name in ("lr", "full_lr", "pretrain_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, float) and np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        check_rank(self.model, self.lora())  # also validates r, alpha and targets
+
+    def pretrain_key(self):
+        """What the pretrained base depends on; the cache file is named by its hash."""
+        fields = (self.model, self.pretrain_steps, self.pretrain_lr, self.seed, self.batch_size, self.n_lines[0])
+        return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
+def _count(arrays):
+    return sum(a.size for a in arrays.values())
+
+
+def pretrain_or_load(cfg, train_ids, val_ids, cache_dir, log):
+    """The pretrained base in float32: from the cache when a valid file is there, else trained and saved."""
+    path = Path(cache_dir) / f"base-{cfg.pretrain_key()}.npz"
+    if path.exists():
+        try:
+            params = load_params(path)  # checks config, shapes and the stored fingerprint
+            if params.config == cfg.model:
+                log(f"reusing the pretrained base model in {path} (fingerprint checked)")
+                return params, None
+        except CheckpointError as e:
+            log(f"ignoring the cached base model: {e}")
+    params = cast(init_params(cfg.model, cfg.seed), np.float32)
+    opt = AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.01)
+    t0 = time.perf_counter()
+    train(
+        params, train_ids, opt, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+        block_size=cfg.model.context_length, seed=cfg.seed, warmup=min(50, cfg.pretrain_steps // 10),
+        label="pretrain",
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    save_params(path, params)
+    log(f"pretrained in {seconds:.1f}s, saved to {path}")
+    return params, seconds
+
+
+def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
+    """Run the demo; returns a dict of every number it reports (also written to results.json)."""
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    T = cfg.model.context_length
+    pre_train, pre_val = make_splits("pretrain", cfg.n_lines[0], cfg.seed)
+    new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
+
+    cache_dir = out_dir / "cache" if use_cache else out_dir / "cache-disabled"
+    base, pretrain_seconds = pretrain_or_load(cfg, pre_train, pre_val, cache_dir, log)
+
+    def losses(params, adapters=None, lora=None):
+        return (
+            evaluate(params, new_val, adapters, lora, block_size=T),
+            evaluate(params, pre_val, adapters, lora, block_size=T),
+        )
+
+    rows = {"base": {"new": None, "old": None}}
+    rows["base"]["new"], rows["base"]["old"] = losses(base)
+    ft_seed = cfg.seed + 1  # both methods see the same batches: same seed, same sampler
+
+    # full fine-tuning: a copy of every weight, all trainable
+    full = Params(base.config, {k: v.copy() for k, v in base.items()})
+    opt = AdamW(full, lr=cfg.full_lr, weight_decay=0.01)
+    t0 = time.perf_counter()
+    train(full, new_train, opt, steps=cfg.steps, batch_size=cfg.batch_size, block_size=T, seed=ft_seed, label="full")
+    rows["full"] = {"seconds": time.perf_counter() - t0, "trainable": _count(full), "state": opt.state_bytes()}
+    rows["full"]["new"], rows["full"]["old"] = losses(full)
+    rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
+
+    # LoRA: the base stays frozen, only the adapters train
+    lora = cfg.lora()
+    adapters = cast(init_lora(cfg.model, lora, cfg.seed), np.float32)
+    before = {k: v.copy() for k, v in base.items()}
+    opt = AdamW(adapters, lr=cfg.lr)
+    t0 = time.perf_counter()
+    train(base, new_train, opt, adapters=adapters, lora=lora, steps=cfg.steps, batch_size=cfg.batch_size,
+          block_size=T, seed=ft_seed, label="lora")  # fmt: skip
+    rows["lora"] = {"seconds": time.perf_counter() - t0, "trainable": _count(adapters), "state": opt.state_bytes()}
+    assert all(np.array_equal(base[k], before[k]) for k in base), "LoRA training changed a frozen weight"
+    rows["lora"]["new"], rows["lora"]["old"] = losses(base, adapters, lora)
+    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, base).stat().st_size
+    rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
+
+    # merge check: W' = W0 + s·B·A as a plain model against the unmerged adapters
+    x, _ = eval_windows(new_val, T, 16)
+    merged = merge(base, adapters, lora)
+    unmerged_logits, _ = model_forward(base, x, adapters, lora)
+    merged_logits, _ = model_forward(merged, x)
+    merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
+
+    prompt = encode("the ")
+    samples = {
+        "base": decode(generate(base, prompt, 120, seed=cfg.seed)),
+        "full": decode(generate(full, prompt, 120, seed=cfg.seed)),
+        "lora": decode(generate(base, prompt, 120, adapters, lora, seed=cfg.seed)),
+    }
+    n_total = _count(base)
+    gap_closed = (rows["base"]["new"] - rows["lora"]["new"]) / (rows["base"]["new"] - rows["full"]["new"])
+    results = {
+        "config": {**{k: v for k, v in vars(cfg).items() if k != "model"}, "model": vars(cfg.model)},
+        "total_params": n_total,
+        "pretrain_seconds": pretrain_seconds,
+        "rows": rows,
+        "gap_closed": gap_closed,
+        "fewer_params": rows["full"]["trainable"] / rows["lora"]["trainable"],
+        "merge_max_abs_diff": merge_diff,
+        "samples": samples,
+    }
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(out_dir / "results.json")
+    log(report(results, cfg))
+    return results
+
+
+def report(res, cfg):
+    """The demo's table and notes, as text."""
+    rows, n = res["rows"], res["total_params"]
+    targets = ",".join(cfg.targets)
+    head = (
+        f"{'method':<26}{'trainable':>11}{'share':>8}{'optim state':>13}{'file':>11}"
+        f"{'val new':>9}{'val old':>9}{'time':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": f"LoRA r={cfg.rank} {targets}"}
+    for key in ("base", "full", "lora"):
+        r = rows[key]
+        t = res["pretrain_seconds"] if key == "base" else r["seconds"]
+        time_s = "cached" if t is None else f"{t:.1f}s"
+        if key == "base":
+            cells = f"{'-':>11}{'-':>8}{'-':>13}"
+        else:
+            cells = f"{r['trainable']:>11,}{r['trainable'] / n:>8.2%}{r['state'] / 1024:>10.1f}KiB"
+        lines.append(f"{names[key]:<26}{cells}{r['file'] / 1024:>8.1f}KiB{r['new']:>9.4f}{r['old']:>9.4f}{time_s:>8}")
+    lines += [
+        "",
+        "val new: validation loss on the fine-tuning domain (Yoda order); val old: on the pretraining domain.",
+        f"LoRA closes {res['gap_closed']:.1%} of the gap (L_base - L_lora) / (L_base - L_full), "
+        f"with {res['fewer_params']:.1f}x fewer trainable parameters.",
+        f"merged (W0 + s·B·A) vs unmerged LoRA logits, float32: max |difference| = {res['merge_max_abs_diff']:.2e}",
+        "",
+        "samples from the prompt 'the ':",
+    ]
+    for key in ("base", "full", "lora"):
+        text = res["samples"][key].split("\n")
+        lines.append(f"  {names[key]}:")
+        lines += [f"    {line}" for line in text[:3]]
+    return "\n".join(lines)

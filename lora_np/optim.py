@@ -1,0 +1,104 @@
+"""Optimizers written by hand: SGD (with momentum) and AdamW.
+
+An optimizer is given the arrays it trains, {name: array}, and updates them in place. It
+holds state only for those: with LoRA that is the adapters alone, which is where LoRA's
+memory saving in the optimizer comes from (Adam keeps two numbers per trainable parameter;
+paper Section 4.2).
+
+References
+- Kingma & Ba 2015, "Adam" (Algorithm 1, bias correction).
+- Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (AdamW).
+"""
+
+import math
+from numbers import Real
+
+import numpy as np
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = isinstance(value, Real) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
+class _Optimizer:
+    def __init__(self, arrays, lr):
+        if not isinstance(arrays, dict) or not arrays:
+            raise ValueError(f"arrays must be a non-empty dict of name -> array to train, got {arrays!r:.60}")
+        _check_positive("lr", lr)
+        self.arrays = arrays  # the very arrays of params/adapters: updated in place
+        self.lr = lr
+
+    def _check_grads(self, grads):
+        if set(grads) != set(self.arrays):
+            missing, extra = sorted(set(self.arrays) - set(grads)), sorted(set(grads) - set(self.arrays))
+            raise ValueError(f"grads must have exactly the trained names: missing {missing[:4]}, extra {extra[:4]}")
+
+    def state_bytes(self):
+        """Bytes held by the optimizer's state (not counting the parameters or gradients)."""
+        return sum(a.nbytes for state in self.state.values() for a in state.values())
+
+
+class SGD(_Optimizer):
+    """p ← p - lr·v with v ← momentum·v + g (v = g when momentum is 0: no state at all)."""
+
+    def __init__(self, arrays, lr, momentum=0.0):
+        super().__init__(arrays, lr)
+        if not isinstance(momentum, Real) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        self.momentum = momentum
+        self.state = {name: {"v": np.zeros_like(a)} for name, a in arrays.items()} if momentum else {}
+
+    def step(self, grads):
+        self._check_grads(grads)
+        for name, p in self.arrays.items():
+            g = grads[name]
+            if self.momentum:
+                v = self.state[name]["v"]
+                v *= self.momentum
+                v += g
+                g = v
+            p -= self.lr * g
+
+
+class AdamW(_Optimizer):
+    """Adam with bias correction and decoupled weight decay.
+
+    For each trained array p with gradient g, at step t = 1, 2, ...:
+
+        p ← p - lr·wd·p                       (decay, decoupled from the gradient; ndim >= 2 only)
+        m ← β1·m + (1 - β1)·g                 first moment
+        v ← β2·v + (1 - β2)·g²                second moment
+        p ← p - lr · (m / (1 - β1^t)) / (sqrt(v / (1 - β2^t)) + eps)
+
+    Weight decay skips vectors (biases, LayerNorm gains): shrinking a gain towards 0 is not
+    regularization, it changes the function (as in GPT-2 and nanoGPT).
+    """
+
+    def __init__(self, arrays, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(arrays, lr)
+        b1, b2 = betas
+        for name, b in (("betas[0]", b1), ("betas[1]", b2)):
+            if not isinstance(b, Real) or not 0.0 <= b < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {b!r}")
+        _check_positive("eps", eps)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.b1, self.b2, self.eps, self.weight_decay = float(b1), float(b2), float(eps), float(weight_decay)
+        self.t = 0
+        self.state = {name: {"m": np.zeros_like(a), "v": np.zeros_like(a)} for name, a in arrays.items()}
+
+    def step(self, grads):
+        self._check_grads(grads)
+        self.t += 1
+        # Python floats throughout, so float32 parameters stay float32
+        c1, c2 = 1.0 - self.b1**self.t, 1.0 - self.b2**self.t  # bias corrections
+        for name, p in self.arrays.items():
+            g, m, v = grads[name], self.state[name]["m"], self.state[name]["v"]
+            if self.weight_decay and p.ndim >= 2:
+                p *= 1.0 - self.lr * self.weight_decay
+            m *= self.b1
+            m += (1.0 - self.b1) * g
+            v *= self.b2
+            v += (1.0 - self.b2) * (g * g)
+            p -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)

@@ -1,0 +1,220 @@
+"""One training loop for pretraining, full fine-tuning and LoRA fine-tuning.
+
+What differs between the three is only what is trainable:
+
+    pretraining, full fine-tuning:  every parameter
+    LoRA:                           the adapters (+ some biases, per `bias`), W0 frozen
+
+Dimension legend: B batch, T time (block size), V vocabulary.
+"""
+
+import math
+import sys
+import time
+from numbers import Integral
+
+import numpy as np
+
+from .data import eval_windows, sample_batch
+from .layers import cross_entropy_backward, cross_entropy_forward
+from .model import model_backward, model_forward
+
+BIAS_OPTIONS = ("none", "all", "lora_only")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient stopped being finite. The parameters hold the last good step."""
+
+    def __init__(self, message, step, history):
+        super().__init__(message)
+        self.step, self.history = step, history
+
+
+def trainable_names(params, adapters=None, lora=None, bias="none"):
+    """The names to train.
+
+    Without adapters: every parameter (pretraining or full fine-tuning). With adapters: every
+    adapter entry plus, following loralib's `mark_only_lora_as_trainable(bias=...)`:
+    "none" no bias; "all" every bias, LayerNorm betas included; "lora_only" the biases of the
+    adapted layers (e.g. b_q, b_v).
+    """
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {bias!r}")
+    if adapters is None:
+        if bias != "none":
+            raise ValueError(f"bias={bias!r} only applies with adapters; full fine-tuning trains every bias already")
+        return list(params)
+    names = list(adapters)
+    for name in params:
+        leaf = name.rsplit(".", 1)[-1]
+        is_bias = leaf.startswith("b_") or leaf == "beta"
+        if bias == "all" and is_bias:
+            names.append(name)
+        elif bias == "lora_only" and leaf.startswith("b_") and "W_" + leaf[2:] in lora.targets:
+            names.append(name)
+    return names
+
+
+def loss_and_grads(params, x, y, adapters=None, lora=None, trainable=None, *, train=True, rng=None):
+    """Mean next-token cross-entropy on a batch, and its gradients for the trainable names.
+
+    Inputs:
+    - x, y: (B, T) int64 inputs and targets
+    - the rest as in model_forward / model_backward
+
+    Returns:
+    - loss: float
+    - grads: dict name -> array, exactly the trainable names
+    """
+    logits, cache = model_forward(params, x, adapters, lora, train=train, rng=rng)  # (B, T, V)
+    loss, ce_cache = cross_entropy_forward(logits, y)
+    dlogits = cross_entropy_backward(1.0, ce_cache)
+    return loss, model_backward(dlogits, cache, trainable)
+
+
+def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=64, batch_size=32):
+    """Mean cross-entropy over fixed windows of a stream (deterministic: no sampling, no dropout)."""
+    x, y = eval_windows(ids, block_size, max_windows)  # (n, T) each
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        logits, _ = model_forward(params, x[i : i + batch_size], adapters, lora)
+        total += cross_entropy_forward(logits, y[i : i + batch_size])[0] * len(x[i : i + batch_size])
+    return total / len(x)
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class Progress:
+    """A live line on a terminal (step, loss, tokens/s, time left); plain lines otherwise."""
+
+    def __init__(self, label, steps, every, stream=None):
+        self.label, self.steps, self.every = label, steps, every
+        self.stream = sys.stderr if stream is None else stream
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, step, loss, tokens_per_s, elapsed):
+        done = step + 1
+        left = elapsed / done * (self.steps - done)
+        text = f"{self.label} step {done}/{self.steps}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {left:.0f}s left"
+        if self.live:
+            end = "\n" if done == self.steps else ""
+            print(f"\r{text}\x1b[K", end=end, file=self.stream, flush=True)
+        elif self.every and (done % self.every == 0 or done == self.steps):
+            print(text, file=self.stream, flush=True)
+
+
+def train(
+    params,
+    train_ids,
+    optimizer,
+    *,
+    adapters=None,
+    lora=None,
+    trainable=None,
+    steps,
+    batch_size,
+    block_size,
+    seed,
+    lr_schedule="cosine",
+    warmup=0,
+    log_every=100,
+    label="train",
+    stream=None,
+):
+    """Train in place; returns the history.
+
+    The batches come from np.random.default_rng([seed, 0]) and LoRA dropout from
+    np.random.default_rng([seed, 1]), so two runs with the same seed see the same batches
+    whatever they train: full fine-tuning and LoRA can be compared batch for batch.
+
+    Inputs:
+    - params, adapters, lora, trainable: as in model_forward / model_backward; `optimizer`
+      must hold exactly the trainable arrays
+    - train_ids: (N,) token stream
+    - steps, batch_size, block_size: optimizer steps, B, T
+    - lr_schedule: "constant" or "cosine" (decay from optimizer.lr to 10% of it)
+    - warmup: steps of linear warm-up
+    - log_every: plain progress lines every this many steps when not on a terminal (0: none)
+
+    Returns:
+    - history: {"loss": [per step], "lr": [...], "time": [seconds since start], "tokens_per_s": float}
+
+    Raises TrainingDiverged at the first step whose loss or gradients are not finite; the
+    arrays then hold the result of the last good step.
+    """
+    _check_int("steps", steps, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("block_size", block_size, 1)
+    _check_int("seed", seed, 0)
+    _check_int("warmup", warmup, 0)
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if trainable is None:
+        trainable = list(adapters) if adapters is not None else list(params)
+    if set(trainable) != set(optimizer.arrays):
+        raise ValueError("optimizer must hold exactly the trainable arrays")
+    batch_rng, dropout_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    base_lr = optimizer.lr
+    history = {"loss": [], "lr": [], "time": []}
+    progress = Progress(label, steps, log_every, stream)
+    start = time.perf_counter()
+    try:
+        for step in range(steps):
+            if step < warmup:
+                lr = base_lr * (step + 1) / warmup
+            elif lr_schedule == "cosine":
+                frac = (step - warmup) / max(1, steps - warmup)
+                lr = base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+            else:
+                lr = base_lr
+            x, y = sample_batch(train_ids, batch_size, block_size, batch_rng)
+            loss, grads = loss_and_grads(params, x, y, adapters, lora, trainable, train=True, rng=dropout_rng)
+            bad = [n for n, g in grads.items() if not np.all(np.isfinite(g))]
+            if not math.isfinite(loss) or bad:
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradients of {bad[:3]}"
+                raise TrainingDiverged(
+                    f"{label}: non-finite {what} at step {step}; the parameters hold step {step - 1}, "
+                    f"the last good one (try a lower learning rate than {base_lr})",
+                    step,
+                    history,
+                )
+            optimizer.lr = lr
+            optimizer.step(grads)
+            elapsed = time.perf_counter() - start
+            history["loss"].append(loss)
+            history["lr"].append(lr)
+            history["time"].append(elapsed)
+            progress.update(step, loss, (step + 1) * batch_size * block_size / elapsed, elapsed)
+    finally:
+        optimizer.lr = base_lr
+    history["tokens_per_s"] = steps * batch_size * block_size / history["time"][-1]
+    return history
+
+
+def generate(params, prompt_ids, n_new, adapters=None, lora=None, *, temperature=1.0, seed=0):
+    """Sample n_new tokens after prompt_ids, one at a time (no cache: the model is tiny).
+
+    Inputs:
+    - prompt_ids: (T0,) int64, T0 >= 1
+    - temperature: > 0; logits are divided by it before the softmax
+
+    Returns:
+    - ids: (T0 + n_new,) int64, the prompt followed by the samples
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_int("n_new", n_new, 0)
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    if ids.ndim != 1 or ids.size < 1:
+        raise ValueError(f"prompt_ids must be a non-empty 1-D array of ids, got shape {ids.shape}")
+    rng = np.random.default_rng(seed)
+    ctx = params.config.context_length
+    for _ in range(n_new):
+        logits, _ = model_forward(params, ids[None, -ctx:], adapters, lora)  # (1, T, V)
+        z = logits[0, -1].astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        ids = np.append(ids, rng.choice(len(p), p=p / p.sum()))
+    return ids

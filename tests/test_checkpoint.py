@@ -1,0 +1,185 @@
+"""Files on disk: round trips, every invalid file's error, random bytes, interrupted writes."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lora_np.checkpoint as ckpt
+from lora_np import LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
+from lora_np.checkpoint import CheckpointError, load_adapters, load_params, save_adapters, save_params
+
+CFG = ModelConfig(vocab_size=7, context_length=6, d_model=8, n_heads=2, n_layers=1, d_mlp=12)
+LORA = LoraConfig(r=2, alpha=3.0, targets=("W_q", "W_1"), rslora=True)
+TOKENS = np.array([[1, 2, 3, 4, 5]])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    params = init_params(CFG, 0)
+    adapters = init_lora(CFG, LORA, 1)
+    for k in adapters:
+        adapters[k] = adapters[k] + 0.1  # non-zero B, so the adapter changes the logits
+    save_params(tmp_path / "base.npz", params)
+    save_adapters(tmp_path / "adapter.npz", adapters, LORA, params)
+    return tmp_path, params, adapters
+
+
+def test_round_trip_gives_identical_logits(saved):
+    d, params, adapters = saved
+    p2 = load_params(d / "base.npz")
+    a2, lora2 = load_adapters(d / "adapter.npz", p2)
+    assert lora2 == LORA and lora2.scaling == LORA.scaling  # rsLoRA convention kept
+    np.testing.assert_array_equal(
+        model_forward(p2, TOKENS, a2, lora2)[0], model_forward(params, TOKENS, adapters, LORA)[0]
+    )
+
+
+def test_float32_round_trip(tmp_path):
+    params = cast(init_params(CFG, 0), np.float32)
+    save_params(tmp_path / "p.npz", params)
+    p2 = load_params(tmp_path / "p.npz")
+    assert p2["W_e"].dtype == np.float32
+    np.testing.assert_array_equal(model_forward(p2, TOKENS)[0], model_forward(params, TOKENS)[0])
+
+
+def _rewrite(path, mutate):
+    """Load a file's raw entries, let `mutate` change them, write them back (bypassing the saver)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__meta__"].tobytes())
+    mutate(arrays, meta)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_adapter_for_a_different_base(saved):
+    d, params, _ = saved
+    other = init_params(CFG, 1)
+    with pytest.raises(CheckpointError, match=r"adapter\.npz: adapter was trained on base weights with fingerprint"):
+        load_adapters(d / "adapter.npz", other)
+    bigger = init_params(ModelConfig(7, 6, 8, 2, 2, 12), 0)
+    with pytest.raises(CheckpointError, match=r"adapter is for ModelConfig\(.*n_layers=1.*base model is .*n_layers=2"):
+        load_adapters(d / "adapter.npz", bigger)
+
+
+def test_different_rank_or_shape(saved):
+    d, _, _ = saved
+    _rewrite(d / "adapter.npz", lambda a, m: m["lora_config"].update(r=3, scaling=3.0 / 3**0.5))
+    with pytest.raises(CheckpointError, match=r"array blocks\.0\.W_q\.A has shape \(2, 8\), expected \(3, 8\)"):
+        load_adapters(d / "adapter.npz")
+
+
+def test_missing_or_extra_array(saved):
+    d, _, _ = saved
+    _rewrite(d / "base.npz", lambda a, m: a.pop("blocks.0.W_q"))
+    with pytest.raises(CheckpointError, match=r"base\.npz: missing arrays \['blocks\.0\.W_q'\]"):
+        load_params(d / "base.npz")
+    _rewrite(d / "adapter.npz", lambda a, m: a.update({"blocks.0.W_k.A": np.zeros((2, 8))}))
+    with pytest.raises(CheckpointError, match=r"unexpected arrays \['blocks\.0\.W_k\.A'\]"):
+        load_adapters(d / "adapter.npz")
+
+
+def test_unknown_format_version(saved):
+    d, _, _ = saved
+    _rewrite(d / "base.npz", lambda a, m: m.update(format_version=99))
+    with pytest.raises(CheckpointError, match=r"base\.npz: format_version 99 is not supported \(this is version 1\)"):
+        load_params(d / "base.npz")
+
+
+def test_wrong_kind(saved):
+    d, _, _ = saved
+    with pytest.raises(CheckpointError, match=r"holds 'adapters', expected 'params'"):
+        load_params(d / "adapter.npz")
+
+
+def test_tampered_weights_fail_the_fingerprint(saved):
+    d, _, _ = saved
+    _rewrite(d / "base.npz", lambda a, m: a["W_u"].__setitem__((0, 0), 1.0))
+    with pytest.raises(CheckpointError, match=r"the weights do not match the fingerprint"):
+        load_params(d / "base.npz")
+
+
+def test_bad_config_or_values_in_the_file(saved):
+    d, _, _ = saved
+    _rewrite(d / "adapter.npz", lambda a, m: m["lora_config"].update(targets=["W_x"]))
+    with pytest.raises(CheckpointError, match=r"invalid LoraConfig in metadata: unknown LoRA target 'W_x'"):
+        load_adapters(d / "adapter.npz")
+    _rewrite(d / "base.npz", lambda a, m: a["W_e"].__setitem__((0, 0), np.nan))
+    with pytest.raises(CheckpointError, match=r"array W_e holds non-finite values"):
+        load_params(d / "base.npz")
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, __meta__=np.array([{"kind": "params"}], dtype=object))
+    with pytest.raises(CheckpointError, match=r"evil\.npz: not a readable \.npz file"):
+        load_params(path)
+
+
+def test_truncated_and_corrupted_files(saved):
+    d, _, _ = saved
+    raw = (d / "base.npz").read_bytes()
+    for i, data in enumerate((raw[: len(raw) // 2], raw[:-30], raw[:100] + b"\x00" * 50 + raw[150:], b"")):
+        path = d / f"broken{i}.npz"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"broken{i}\.npz"):
+            load_params(path)
+    with pytest.raises(CheckpointError, match=r"nothere\.npz: no such file"):
+        load_params(d / "nothere.npz")
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_and_truncated_bytes_give_only_the_documented_error(saved, data):
+    d, _, _ = saved
+    raw = (d / "adapter.npz").read_bytes()
+    choice = data.draw(st.sampled_from(["random", "truncated", "flipped"]))
+    if choice == "random":
+        blob = data.draw(st.binary(max_size=400))
+    elif choice == "truncated":
+        blob = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        blob = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1 :]
+    path = d / "fuzz.npz"
+    path.write_bytes(blob)
+    try:
+        load_adapters(path)
+    except CheckpointError:
+        pass  # the documented error; anything else fails the test
+    # a flipped byte may land where it changes nothing that is checked (e.g. a zip timestamp)
+
+
+def test_interrupted_write_leaves_the_previous_file_intact(saved, monkeypatch):
+    d, params, _ = saved
+    before = (d / "base.npz").read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(ckpt.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_params(d / "base.npz", init_params(CFG, 5))
+    assert (d / "base.npz").read_bytes() == before
+    assert sorted(p.name for p in d.iterdir()) == ["adapter.npz", "base.npz"]  # no temporary left behind
+
+
+def test_bad_paths_raise_before_writing(tmp_path):
+    params = init_params(CFG, 0)
+    with pytest.raises(ValueError, match=r"path must end in \.npz, got"):
+        save_params(tmp_path / "base.pt", params)
+    with pytest.raises(ValueError, match=r"path's folder .* does not exist"):
+        save_params(tmp_path / "no" / "base.npz", params)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_file_is_a_plain_zip_of_npy_arrays(saved):
+    """What a student finds when they unzip it: one .npy per array and the JSON metadata."""
+    d, params, _ = saved
+    names = zipfile.ZipFile(d / "base.npz").namelist()
+    assert sorted(names) == sorted([f"{k}.npy" for k in params] + ["__meta__.npy"])
