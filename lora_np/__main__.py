@@ -1,9 +1,11 @@
-"""python -m lora_np [demo flags] | figures [--out DIR] | check
+"""python -m lora_np [demo flags] | figures | check | bench | experiments
 
-python -m lora_np                 pretrain, then full fine-tuning against LoRA (the demo)
-python -m lora_np --rank 8 --targets W_q,W_k,W_v,W_o
-python -m lora_np figures         regenerate every figure in figures/
-python -m lora_np check           gradient check of the LoRA model against finite differences
+- `python -m lora_np`: pretrain, then full fine-tuning against LoRA (the demo);
+  `python -m lora_np --help` lists its flags, e.g. `--rank 8 --targets W_q,W_k,W_v,W_o`
+- `python -m lora_np figures`: regenerate every figure in figures/
+- `python -m lora_np check`: gradient check of the LoRA model against finite differences
+- `python -m lora_np bench`: LoRA's cost model, measured (time, flops, memory)
+- `python -m lora_np experiments`: rerun the Section 7 experiments behind notebook 05
 """
 
 import argparse
@@ -40,12 +42,14 @@ def demo_parser(prog):
     p.add_argument(
         "--out", default="runs/demo", help="output folder: models, adapter, results.json (default runs/demo)"
     )
-    p.add_argument("--no-cache", action="store_true", help="pretrain again even if a cached base model fits")
+    p.add_argument("--no-cache", action="store_true",
+                   help="pretrain again (and refresh the cache) even if a cached base model fits")  # fmt: skip
     return p
 
 
 def run_demo(argv, prog):
     from .demo import DemoConfig, run
+    from .train import TrainingDiverged
 
     parser = demo_parser(prog)
     a = parser.parse_args(argv)
@@ -56,7 +60,12 @@ def run_demo(argv, prog):
         cfg.validate()
     except (ValueError, TypeError) as e:
         parser.error(str(e))  # the API's own message, exit status 2, before any work
-    run(cfg, out_dir=a.out, use_cache=not a.no_cache)
+    try:
+        run(cfg, out_dir=a.out, use_cache=not a.no_cache)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_figures(argv, prog):
@@ -102,10 +111,22 @@ def run_check(argv, prog):
     return 0 if worst < 1e-6 else 1
 
 
+def run_bench(argv, prog):
+    from .bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def run_experiments(argv, prog):
+    from .experiments import main as experiments_main
+
+    return experiments_main(argv)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "python -m lora_np"
-    commands = {"figures": run_figures, "check": run_check}
+    commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":

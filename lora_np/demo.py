@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,13 @@ class DemoConfig:
 
     def validate(self):
         """Raise the API's own errors for bad values, before any work is done."""
-        for name in ("steps", "pretrain_steps", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {v!r}")
+        for name in ("steps", "pretrain_steps", "seed", "batch_size"):
+            v, low = getattr(self, name), 0 if name == "seed" else 1
+            if not isinstance(v, Integral) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         for name in ("lr", "full_lr", "pretrain_lr"):
             v = getattr(self, name)
-            if not (isinstance(v, float) and np.isfinite(v) and v > 0):
+            if not (isinstance(v, Real) and not isinstance(v, bool) and np.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         check_rank(self.model, self.lora())  # also validates r, alpha and targets
 
@@ -73,10 +74,16 @@ def _count(arrays):
     return sum(a.size for a in arrays.values())
 
 
-def pretrain_or_load(cfg, train_ids, val_ids, cache_dir, log):
-    """The pretrained base in float32: from the cache when a valid file is there, else trained and saved."""
+def pretrain_or_load(cfg, train_ids, cache_dir, log=print, reuse=True):
+    """The pretrained base in float32: from the cache when a valid file is there (and reuse is
+    True), else trained on train_ids and saved there.
+
+    Returns:
+    - params: Params, float32
+    - seconds: pretraining time, or None when the cached model was reused
+    """
     path = Path(cache_dir) / f"base-{cfg.pretrain_key()}.npz"
-    if path.exists():
+    if reuse and path.exists():
         try:
             params = load_params(path)  # checks config, shapes and the stored fingerprint
             if params.config == cfg.model:
@@ -100,7 +107,12 @@ def pretrain_or_load(cfg, train_ids, val_ids, cache_dir, log):
 
 
 def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
-    """Run the demo; returns a dict of every number it reports (also written to results.json)."""
+    """Run the demo; returns a dict of every number it reports (also written to results.json).
+
+    Files in out_dir: cache/base-<key>.npz (the pretrained base, reused by later runs with
+    the same pretraining settings), base.npz, full_finetuned.npz, adapter.npz, results.json.
+    A run that diverges raises TrainingDiverged before writing any of its results.
+    """
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +120,7 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     pre_train, pre_val = make_splits("pretrain", cfg.n_lines[0], cfg.seed)
     new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
 
-    cache_dir = out_dir / "cache" if use_cache else out_dir / "cache-disabled"
-    base, pretrain_seconds = pretrain_or_load(cfg, pre_train, pre_val, cache_dir, log)
+    base, pretrain_seconds = pretrain_or_load(cfg, pre_train, out_dir / "cache", log, reuse=use_cache)
 
     def losses(params, adapters=None, lora=None):
         return (
@@ -139,7 +150,9 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     train(base, new_train, opt, adapters=adapters, lora=lora, steps=cfg.steps, batch_size=cfg.batch_size,
           block_size=T, seed=ft_seed, label="lora")  # fmt: skip
     rows["lora"] = {"seconds": time.perf_counter() - t0, "trainable": _count(adapters), "state": opt.state_bytes()}
-    assert all(np.array_equal(base[k], before[k]) for k in base), "LoRA training changed a frozen weight"
+    changed = [k for k in base if not np.array_equal(base[k], before[k])]
+    if changed:  # cannot happen: model_backward never forms a frozen weight's gradient
+        raise RuntimeError(f"LoRA training changed frozen weights {changed[:3]}")
     rows["lora"]["new"], rows["lora"]["old"] = losses(base, adapters, lora)
     rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, base).stat().st_size
     rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
