@@ -141,6 +141,7 @@ def test_same_seed_same_history_bit_for_bit(data):
     assert h1 != h3
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's own inf/nan warnings: expected here
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_state(data):
     params = init_params(CFG, 0)
     opt = AdamW(params, lr=1e-3)
