@@ -146,3 +146,486 @@ def draw_params_vs_rank():
 
 
 FIGURES["params_vs_rank.png"] = draw_params_vs_rank
+
+
+# ==================================================================================================
+# finetune_curves.png: full fine-tuning against LoRA on the Yoda domain, loss step by step.
+# finetune_full_and_lora runs the demo's two fine-tunings and keeps what the demo's table does not
+# (the loss of every step, the trained weights); notebooks/04_finetune_and_merge.ipynb explains it.
+# ==================================================================================================
+
+DEMO_CACHE = "runs/demo/cache"  # where `python -m lora_np` keeps its pretrained base model
+
+
+def finetune_full_and_lora(cfg=None, cache_dir=DEMO_CACHE, log=print):
+    """The demo's two fine-tunings of one pretrained base, with every step's training loss kept.
+
+    The recipe is lora_np.demo.run's, so with the same DemoConfig the validation losses are the
+    demo's table:
+
+    - the base: demo.pretrain_or_load, which reuses a file in cache_dir pretrained with the same
+      settings (fingerprint checked) and otherwise pretrains and saves one there;
+    - full fine-tuning: a copy of every weight, AdamW(lr=cfg.full_lr, weight_decay=0.01);
+    - LoRA: W0 frozen, adapters from init_lora(cfg.model, cfg.lora(), cfg.seed) (B = 0, so step 0
+      is exactly the base model), AdamW(lr=cfg.lr) on the adapters alone;
+    - both call train with seed cfg.seed + 1: step k of each sees the same batch.
+
+    Inputs:
+    - cfg: a lora_np.demo.DemoConfig; None means DemoConfig(), the README's run
+    - cache_dir: folder of the pretrained base (str or Path); created if missing
+    - log: called with one line of text about the cache (e.g. print, or lambda s: None)
+
+    Returns a dict:
+    - "config": the DemoConfig; "lora": its LoraConfig
+    - "base", "full": Params, float32 (the pretrained base and the fully fine-tuned copy)
+    - "adapters": dict name -> float32 array, the trained A (r, d_in) and B (d_out, r)
+    - "history": {"full": ..., "lora": ...}, each what train returns ("loss" per step, "lr", ...)
+    - "val": {"base" | "full" | "lora": {"new": float, "old": float}}, mean validation
+      cross-entropy (nats per character) on the fine-tuning domain and on the pretraining one
+    - "trainable", "state_bytes": {"full": int, "lora": int}: trained numbers, and bytes of
+      AdamW's moments (AdamW.state_bytes())
+    - "total_params": int, every number of the model
+    """
+    import numpy as np
+
+    from .counting import count_arrays
+    from .data import make_splits
+    from .demo import DemoConfig, pretrain_or_load
+    from .lora import init_lora
+    from .optim import AdamW
+    from .params import Params, cast
+    from .train import evaluate, train
+
+    cfg = DemoConfig() if cfg is None else cfg
+    if not isinstance(cfg, DemoConfig):
+        raise TypeError(f"cfg must be a lora_np.demo.DemoConfig or None, got {type(cfg).__name__}")
+    cfg.validate()
+    T = cfg.model.context_length
+    pre_train, pre_val = make_splits("pretrain", cfg.n_lines[0], cfg.seed)
+    new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
+    base, _seconds = pretrain_or_load(cfg, pre_train, cache_dir, log)
+
+    def losses(params, adapters=None, lora=None):
+        return {
+            "new": evaluate(params, new_val, adapters, lora, block_size=T),
+            "old": evaluate(params, pre_val, adapters, lora, block_size=T),
+        }
+
+    val = {"base": losses(base)}
+    common = {"steps": cfg.steps, "batch_size": cfg.batch_size, "block_size": T, "seed": cfg.seed + 1}
+
+    full = Params(base.config, {k: v.copy() for k, v in base.items()})
+    opt_full = AdamW(full, lr=cfg.full_lr, weight_decay=0.01)
+    hist_full = train(full, new_train, opt_full, label="full", **common)
+    val["full"] = losses(full)
+
+    lora = cfg.lora()
+    adapters = cast(init_lora(cfg.model, lora, cfg.seed), np.float32)
+    opt_lora = AdamW(adapters, lr=cfg.lr)
+    hist_lora = train(base, new_train, opt_lora, adapters=adapters, lora=lora, label="lora", **common)
+    val["lora"] = losses(base, adapters, lora)
+
+    return {
+        "config": cfg,
+        "lora": lora,
+        "base": base,
+        "full": full,
+        "adapters": adapters,
+        "history": {"full": hist_full, "lora": hist_lora},
+        "val": val,
+        "trainable": {"full": count_arrays(full), "lora": count_arrays(adapters)},
+        "state_bytes": {"full": opt_full.state_bytes(), "lora": opt_lora.state_bytes()},
+        "total_params": count_arrays(base),
+    }
+
+
+def draw_finetune_curves(cfg=None, cache_dir=DEMO_CACHE, *, runs=None, log=print):
+    """Training loss per step of full fine-tuning and of LoRA on the same batches, and validation losses.
+
+    Left: the loss of each step's batch, both methods starting from the same pretrained weights and
+    seeing the same batches (so their step-to-step wiggles line up); dots mark the validation loss
+    on the new domain at the start and at the end. Right: validation loss on the new domain (Yoda
+    word order) and on the old one (plain word order), before and after each fine-tuning: what was
+    learned and what was forgotten.
+
+    With no arguments this runs the demo's default configuration, reusing its pretrained base from
+    runs/demo/cache when present (about 40 s on 2 cores when it is not). A notebook can pass a
+    smaller cfg and a cache_dir of its own, or the dict finetune_full_and_lora returned (runs=...).
+
+    Inputs:
+    - cfg, cache_dir, log: as in finetune_full_and_lora
+    - runs: the dict finetune_full_and_lora returns, to draw without training again; give either
+      runs or cfg, not both
+
+    Returns:
+    - fig: matplotlib Figure
+    - numbers: dict; "steps" (int), "loss" {"full", "lora": list of float, one a step},
+      "val", "trainable", "state_bytes" (as in finetune_full_and_lora), "total_params" (int),
+      "lr" {"full", "lora": float}
+    """
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    if runs is None:
+        runs = finetune_full_and_lora(cfg, cache_dir, log)
+    elif cfg is not None:
+        raise ValueError("give either cfg (to train) or runs (already trained), not both")
+    elif not (isinstance(runs, dict) and "history" in runs and "val" in runs):
+        raise TypeError(f"runs must be the dict finetune_full_and_lora returns, got {type(runs).__name__}")
+    cfg, lora, val = runs["config"], runs["lora"], runs["val"]
+    loss = {k: [float(v) for v in runs["history"][k]["loss"]] for k in ("full", "lora")}
+    steps = len(loss["full"])
+    x = np.arange(1, steps + 1)
+    targets = ", ".join(lora.targets)
+    labels = {
+        "full": f"full fine-tuning ({runs['trainable']['full']:,} trainable, lr {cfg.full_lr:g})",
+        "lora": f"LoRA r={lora.r} on {targets} ({runs['trainable']['lora']:,} trainable, lr {cfg.lr:g})",
+    }
+    colors = {"base": "gray", "full": "black", "lora": "tab:blue"}  # as in params_vs_rank.png
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    for k in ("full", "lora"):
+        ax.plot(x, loss[k], color=colors[k], lw=1.2, label=labels[k])
+        ax.plot([steps], [val[k]["new"]], "o", color=colors[k], ms=7, mec="white")
+    dots = "validation loss, new domain (dots)"
+    ax.plot([0], [val["base"]["new"]], "o", color=colors["base"], ms=7, mec="white", label=dots)
+    ax.set_xlim(-steps * 0.02, steps * 1.03)
+    ax.set_xlabel("fine-tuning step (both methods see the same batch at each step)")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_title("training loss on Yoda word order, one batch a step", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8.5, framealpha=0.95)
+
+    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": f"LoRA r={lora.r}"}
+    width = 0.38
+    domains = (("new", None, "new domain (Yoda order)"), ("old", "///", "old domain (plain order)"))
+    for i, (domain, hatch, _what) in enumerate(domains):
+        for j, k in enumerate(names):
+            h, xj = val[k][domain], j + (i - 0.5) * width
+            if hatch is None:  # new domain: solid
+                bx.bar(xj, h, width, color=colors[k], edgecolor=colors[k])
+            else:  # old domain: hatched outline in the same color
+                bx.bar(xj, h, width, facecolor="white", edgecolor=colors[k], hatch=hatch)
+            bx.text(xj, h, f"{h:.3f}", ha="center", va="bottom", fontsize=8)
+    handles = [
+        Patch(facecolor="dimgray", edgecolor="dimgray", label=domains[0][2]),
+        Patch(facecolor="white", edgecolor="dimgray", hatch=domains[1][1], label=domains[1][2]),
+    ]
+    bx.set_xticks(np.arange(3), list(names.values()))
+    bx.set_ylabel("validation cross-entropy (nats per character)")
+    top = max(v[d] for v in val.values() for d in ("new", "old"))
+    bx.set_ylim(0, top * 1.18)
+    bx.set_title("validation loss, before and after fine-tuning", fontsize=10)
+    bx.legend(handles=handles, loc="upper right", fontsize=8.5, framealpha=0.95)
+    fig.suptitle(
+        f"Fine-tuning a pretrained tiny GPT ({runs['total_params']:,} parameters, d_model = {cfg.model.d_model}) "
+        f"on Yoda word order: {steps} steps of batch {cfg.batch_size}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+
+    numbers = {
+        "steps": steps,
+        "loss": loss,
+        "val": val,
+        "trainable": runs["trainable"],
+        "state_bytes": runs["state_bytes"],
+        "total_params": runs["total_params"],
+        "lr": {"full": cfg.full_lr, "lora": cfg.lr},
+    }
+    return fig, numbers
+
+
+FIGURES["finetune_curves.png"] = draw_finetune_curves
+
+
+# ==================================================================================================
+# zero_init_grad_norms.png: why B = 0 lets training start (paper Section 4.1), on a tiny pretrained model.
+# Trained with lora_np.train; notebooks/02_zero_init.ipynb shows and explains it.
+# ==================================================================================================
+
+
+def draw_zero_init_grad_norms():
+    """Gradient norms of A and B over the first LoRA steps, and how far each factor has moved.
+
+    Recipe (fixed seeds: the same numbers on every run with the same NumPy and BLAS; a few seconds on one core):
+    a tiny GPT (D = 32, 2 layers, context 32) in float32 pretrained for 300 AdamW steps on the
+    plain word-order domain, then LoRA with r = 4, α = 4 on W_q and W_v (A Gaussian, B = 0)
+    trained with Adam (lr 1e-2, no weight decay) on the Yoda word-order domain, batches of 16.
+
+    Left: ‖∂L/∂A‖ and ‖∂L/∂B‖ (Frobenius norm over all four adapters) at every step, log scale.
+    At step 0 ∂L/∂A = s·Bᵀ·g·xᵀ is exactly zero because B is, so it has no point on a log axis
+    and is annotated instead. Right: ‖A_t − A_0‖ and ‖B_t − B_0‖ after t Adam steps. A does not
+    move at step 1 either: Adam's first update is m̂/(sqrt(v̂) + ε) = 0/(0 + ε) = 0 when g_A = 0.
+
+    Returns:
+    - fig: matplotlib Figure
+    - numbers: dict; "steps" (list of int, 0..n-1), "grad_norm_A", "grad_norm_B", "loss" (lists,
+      one value a step, taken before that step's update), "moved_A", "moved_B" (lists of n + 1
+      values, after t = 0..n updates), "lr", "r", "alpha" (the settings), "n_A", "n_B" (entries)
+    """
+    # imported here to keep this section self-contained
+    import numpy as np
+
+    from .config import LoraConfig, ModelConfig
+    from .data import VOCAB, make_splits, sample_batch
+    from .lora import init_lora
+    from .optim import AdamW
+    from .params import cast, init_params
+    from .train import loss_and_grads, train
+
+    def global_norm(arrays):
+        # sqrt of the sum of squares of every array, accumulated in float64
+        return float(sum((a.astype(np.float64) ** 2).sum() for a in arrays) ** 0.5)
+
+    T, batch, n_steps, n_moved, lr = 32, 16, 60, 12, 1e-2
+    cfg = ModelConfig(vocab_size=len(VOCAB), context_length=T, d_model=32, n_heads=4, n_layers=2, d_mlp=128)
+    lora = LoraConfig(r=4, alpha=4.0, targets=("W_q", "W_v"))
+    pre_train, _ = make_splits("pretrain", 2000, seed=0)
+    new_train, _ = make_splits("finetune", 1000, seed=0)
+
+    base = cast(init_params(cfg, seed=0), np.float32)
+    opt = AdamW(base, lr=3e-3, weight_decay=0.01)
+    train(base, pre_train, opt, steps=300, batch_size=batch, block_size=T, seed=0, warmup=30, log_every=0)
+
+    adapters = cast(init_lora(cfg, lora, seed=0), np.float32)
+    start = {k: v.copy() for k, v in adapters.items()}
+    a_names = [k for k in adapters if k.endswith(".A")]
+    b_names = [k for k in adapters if k.endswith(".B")]
+
+    def moved(names):
+        return global_norm(adapters[k] - start[k] for k in names)
+
+    opt = AdamW(adapters, lr=lr)
+    rng = np.random.default_rng(1)  # the batches; notebook 02 draws its first batch the same way
+    grad_A, grad_B, losses, moved_A, moved_B = [], [], [], [moved(a_names)], [moved(b_names)]
+    for _ in range(n_steps):
+        x, y = sample_batch(new_train, batch, T, rng)
+        loss, grads = loss_and_grads(base, x, y, adapters, lora)
+        grad_A.append(global_norm(grads[k] for k in a_names))
+        grad_B.append(global_norm(grads[k] for k in b_names))
+        losses.append(loss)
+        opt.step(grads)
+        moved_A.append(moved(a_names))
+        moved_B.append(moved(b_names))
+    steps = list(range(n_steps))
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.3), gridspec_kw={"width_ratios": [1.5, 1]})
+    ax.semilogy(steps, grad_B, color="tab:orange", lw=1.5, marker="o", ms=2.5, label="‖∂L/∂B‖")
+    ax.semilogy(steps[1:], grad_A[1:], color="tab:blue", lw=1.5, marker="o", ms=2.5, label="‖∂L/∂A‖ (from step 1)")
+    low = min(grad_A[1:]) / 4
+    ax.set_ylim(low, max(grad_B) * 3)
+    ax.annotate(
+        "step 0: ‖∂L/∂A‖ = 0 exactly\n(B = 0, so s·Bᵀ·g·xᵀ = 0);\nno point on a log axis",
+        xy=(0, low),
+        xytext=(8, low * 2.2),
+        fontsize=8.5,
+        color="tab:blue",
+        arrowprops={"arrowstyle": "->", "color": "tab:blue"},
+    )
+    ax.set_xlabel("LoRA step t (gradient at the adapters after t updates)")
+    ax.set_ylabel("gradient norm (Frobenius, 4 adapters; log scale)")
+    ax.set_title("Gradients of the two factors, B = 0 at step 0")
+    ax.legend(loc="upper right", fontsize=9)
+
+    t = list(range(n_moved + 1))
+    ax2.plot(t, moved_B[: n_moved + 1], color="tab:orange", marker="o", ms=3.5, lw=1.5, label="‖B_t − B_0‖")
+    ax2.plot(t, moved_A[: n_moved + 1], color="tab:blue", marker="s", ms=3.5, lw=1.5, label="‖A_t − A_0‖")
+    ax2.annotate(
+        "A unchanged after step 1:\nAdam's update 0/(0 + ε) = 0",
+        xy=(1, 0),
+        xytext=(n_moved * 0.42, max(moved_B[: n_moved + 1]) * 0.12),
+        fontsize=8.5,
+        color="tab:blue",
+        arrowprops={"arrowstyle": "->", "color": "tab:blue"},
+    )
+    ax2.set_xlabel("Adam steps taken t")
+    ax2.set_ylabel("distance from the initial value (Frobenius)")
+    ax2.set_title(f"How far each factor has moved (lr = {lr:g})")
+    ax2.legend(loc="upper left", fontsize=9)
+    fig.suptitle(f"Tiny GPT, LoRA r = {lora.r}, α = {lora.alpha:g} on W_q, W_v, Adam: the first steps", fontsize=11)
+    fig.tight_layout()
+
+    numbers = {
+        "steps": steps,
+        "grad_norm_A": grad_A,
+        "grad_norm_B": grad_B,
+        "loss": losses,
+        "moved_A": moved_A,
+        "moved_B": moved_B,
+        "lr": lr,
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "n_A": sum(adapters[k].size for k in a_names),
+        "n_B": sum(adapters[k].size for k in b_names),
+    }
+    return fig, numbers
+
+
+FIGURES["zero_init_grad_norms.png"] = draw_zero_init_grad_norms
+
+
+# ==================================================================================================
+# subspace_similarity.png and rank_sweep.png: Section 7 of the paper on the tiny GPT (Tables 5-7,
+# Figures 3-4). Both draw from notebooks/section7_results.json, written by `python -m lora_np.experiments`
+# and checked against the code's configuration by lora_np.experiments.load_results, so drawing is
+# instant. notebooks/05_what_lora_learns.ipynb shows and explains them.
+# ==================================================================================================
+
+
+def _section7_results(results):
+    """The checked results file when results is None; else results, which must look like one."""
+    from .experiments import EXPECTED_KEYS, load_results
+
+    if results is None:
+        return load_results()
+    if not (isinstance(results, dict) and all(k in results for k in EXPECTED_KEYS)):
+        raise TypeError(f"results must be the dict lora_np.experiments.load_results returns, got {results!r:.80}")
+    return results
+
+
+def _phi_map(ax, grid, title, xlabel, ylabel):
+    """One φ heatmap, i down the rows and j along the columns, both counted from 1 as in the paper."""
+    k1, k2 = len(grid), len(grid[0])
+    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
+                   extent=(0.5, k2 + 0.5, k1 + 0.5, 0.5))  # fmt: skip
+    ax.grid(False)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8.5)
+    ax.set_ylabel(ylabel, fontsize=8.5)
+    ax.tick_params(labelsize=7.5)
+    return im
+
+
+def draw_subspace_similarity(results=None, zoom=16):
+    """Figures 3 and 4 of the paper, on the tiny GPT: how much two learned A matrices share.
+
+    Top (Figure 3): φ(A_{r=8}, A_{r=64}, i, j) for the A of W_q and of W_v in each layer, from two
+    {W_q, W_v} runs with the same seed: how much of the top-i right-singular directions of the rank-8
+    A lies in the top-j of the rank-64 A. Bottom (Figure 4): φ(A_{r=64}, A'_{r=64}, i, j) for two
+    seeds, and the same map for two random Gaussian matrices, in its top-left zoom x zoom corner.
+    φ is eq. (4), computed by lora_np.analysis.subspace_similarity_grid; 1 means contained, 0
+    orthogonal. With d_model = 64, j = 64 is the whole space, so the last column is 1 by
+    construction, and chance is not 0 but about max(i, j)/64 (the random panel); the corner is
+    where learned and random maps differ.
+
+    Inputs:
+    - results: the dict lora_np.experiments.load_results returns; None loads the committed file
+    - zoom: int, how many top directions the Figure 4 row shows; None for all of them
+
+    Returns:
+    - fig: matplotlib Figure
+    - numbers: dict; "small_large" and "seed_seed": {"layer {l} W_q" / "... W_v": grid (list of lists),
+      full size}, "random": grid, "small_rank", "large_rank", "zoom" (int)
+    """
+    sub = _section7_results(results)["subspace"]
+    small, large, (s0, s1) = sub["small_rank"], sub["large_rank"], sub["seeds"]
+    zoom = large if zoom is None else zoom
+    if not (isinstance(zoom, int) and 1 <= zoom <= large):
+        raise ValueError(f"zoom must be None or an int in 1..{large}, got {zoom!r}")
+    panels = [(f"layer {l} {t}", maps[t]) for l, maps in enumerate(sub["layers"]) for t in ("W_q", "W_v")]
+
+    fig = plt.figure(figsize=(13, 6.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])
+    axes = top.subplots(1, len(panels))
+    for ax, (name, maps) in zip(axes, panels, strict=True):
+        im = _phi_map(ax, maps["small_large"], f"{name}: r={small} vs r={large}", f"j (top-j of A, r={large})",
+                      f"i (top-i of A, r={small})")  # fmt: skip
+    top.colorbar(im, ax=axes, shrink=0.9, label="φ")
+    top.suptitle(f"Figure 3 on the tiny GPT: φ(A_r={small}, A_r={large}, i, j), both seed {s0}", fontsize=10.5)
+
+    def corner(grid):
+        return [row[:zoom] for row in grid[:zoom]]
+
+    axes = bottom.subplots(1, len(panels) + 1)
+    for ax, (name, maps) in zip(axes[:-1], panels, strict=True):
+        im = _phi_map(ax, corner(maps["seed_seed"]), f"{name}: seed {s0} vs {s1}", f"j (seed {s1})", f"i (seed {s0})")
+    _phi_map(axes[-1], corner(sub["random"]), "two random Gaussian matrices", "j", "i")
+    for ax in axes:
+        ax.set_aspect("equal")
+    bottom.colorbar(im, ax=axes, shrink=0.85, label="φ")
+    what = "all" if zoom == large else f"the top {zoom} of {large}"
+    bottom.suptitle(f"Figure 4 on the tiny GPT: φ(A_r={large}, A'_r={large}, i, j), two seeds; {what} directions "
+                    f"(chance: about max(i, j)/{large})", fontsize=10.5)  # fmt: skip
+    fig.suptitle("Normalized subspace similarity of learned LoRA matrices A (paper eq. 4), LoRA on W_q, W_v",
+                 fontsize=11.5)  # fmt: skip
+
+    numbers = {
+        "small_large": {name: maps["small_large"] for name, maps in panels},
+        "seed_seed": {name: maps["seed_seed"] for name, maps in panels},
+        "random": sub["random"],
+        "small_rank": small,
+        "large_rank": large,
+        "zoom": zoom,
+    }
+    return fig, numbers
+
+
+def draw_rank_sweep(results=None):
+    """Tables 5 and 6 of the paper, on the tiny GPT: which weights at a fixed budget, and what rank.
+
+    Left (Table 5): validation loss on the fine-tuning domain when one budget of trainable numbers
+    is spent on different weights: r = 8 on one attention matrix, 4 on two, 2 on all four; and on
+    the MLP at the nearest integer rank (its share of the budget in the label). Dots are seeds, the
+    bar their mean. Right (Table 6): validation loss against r for W_q; W_q, W_v; all four.
+    Lower is better (the paper's tables report accuracy: higher is better there).
+
+    Inputs:
+    - results: the dict lora_np.experiments.load_results returns; None loads the committed file
+
+    Returns:
+    - fig: matplotlib Figure
+    - numbers: dict; "budget": {label: [loss, one a seed]}, "sweep": {targets: [loss, one a rank]},
+      "ranks": [int], "base_val_loss": float
+    """
+    import numpy as np
+
+    res = _section7_results(results)
+    budget, sweep = res["budget"], res["rank_sweep"]
+
+    def short(targets):  # "q,k" for W_q, W_k; "W1,W2" for the MLP
+        return ",".join(t[2:] if t in ("W_q", "W_k", "W_v", "W_o") else t.replace("_", "") for t in targets)
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.5, 1]})
+    labels, losses = [], {}
+    for x, row in enumerate(budget["rows"]):
+        mlp = row["targets"][0] in ("W_1", "W_2")
+        share = "" if row["trainable"] == budget["budget"] else f"\n{row['budget_ratio']:.0%}"
+        label = f"{short(row['targets'])}\nr={row['r']}{share}"
+        color = "tab:orange" if mlp else "tab:blue"
+        v = row["val_loss"]
+        ax.plot([x] * len(v), v, "o", color=color, ms=4, alpha=0.8)
+        ax.hlines(np.mean(v), x - 0.3, x + 0.3, color=color, lw=2)
+        labels.append(label)
+        losses[label.replace("\n", " ")] = v
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("adapted weights (q, k, v, o: W_q, W_k, W_v, W_o; W1, W2: the MLP) and rank", fontsize=9)
+    ax.set_ylabel("validation cross-entropy (nats per character)")
+    ax.set_title(
+        f"Table 5: one budget ({budget['budget']:,} trainable numbers), spent on different weights\n"
+        f"dots: seeds {budget['seeds']}; bar: their mean; orange: MLP (share of the budget below)",
+        fontsize=9.5,
+    )
+    colors = {"W_q": "tab:green", "W_q,W_v": "tab:blue", "W_q,W_k,W_v,W_o": "tab:purple"}
+    curves = {}
+    for row in sweep["rows"]:
+        name = ",".join(row["targets"])
+        bx.plot(sweep["ranks"], row["val_loss"], "o-", color=colors.get(name), label=name)
+        curves[name] = row["val_loss"]
+    bx.set_xscale("log", base=2)
+    bx.set_xticks(sweep["ranks"], [str(r) for r in sweep["ranks"]])
+    bx.set_xlabel("LoRA rank r (log scale)")
+    bx.set_ylabel("validation cross-entropy (nats per character)")
+    bx.set_title(f"Table 6: validation loss against rank (seed {sweep['seed']})", fontsize=9.5)
+    bx.legend(fontsize=8.5, title="adapted weights", title_fontsize=8.5)
+    fig.suptitle(
+        f"Which weights, what rank: LoRA on the tiny GPT, fine-tuned on Yoda word order "
+        f"(pretrained base: {budget['base_val_loss']:.3f}; lower is better)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    numbers = {"budget": losses, "sweep": curves, "ranks": sweep["ranks"], "base_val_loss": budget["base_val_loss"]}
+    return fig, numbers
+
+
+FIGURES["subspace_similarity.png"] = draw_subspace_similarity
+FIGURES["rank_sweep.png"] = draw_rank_sweep

@@ -6,7 +6,7 @@ For every adapted weight W0 (d_out, d_in) of every block, an adapter is the pair
     blocks.{l}.{target}.B : (d_out, r)   zero
 
 so that ΔW = s·B·A is zero at the start and the adapted model is exactly the pretrained one.
-After training, `merge` folds ΔW into W0 (W' = W0 + s·B·A, Section 4.2: "no additional
+After training, `merge` folds ΔW into W0 (W' = W0 + s·B·A, Section 4.1: "no additional
 inference latency"), and `unmerge` takes it out again. Both return new dicts and leave their
 inputs untouched, so the base weights are never lost; merging the result of a merge again
 would add ΔW twice, and nothing can tell a merged Params from a base one.

@@ -1,6 +1,14 @@
-"""Hypothesis profiles. pyproject.toml selects "ci"; `--hypothesis-profile=dev` explores more."""
+"""Test settings. pyproject.toml selects the hypothesis profile "ci"; `--hypothesis-profile=dev` explores more."""
 
-from hypothesis import HealthCheck, settings
+import os
+
+# One BLAS thread for the tests, the notebooks they run and the demo subprocess, unless the
+# caller chose otherwise. The test matrices are tiny, so threads add nothing; and when another
+# process shares the cores, OpenBLAS threads that spin-wait for each other slow a run 10-20x.
+# (Set before anything imports NumPy: OpenBLAS reads it once, when it loads.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
