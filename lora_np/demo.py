@@ -106,6 +106,73 @@ def pretrain_or_load(cfg, train_ids, cache_dir, log=print, reuse=True):
     return params, seconds
 
 
+def finetune_full_and_lora(cfg=DemoConfig(), cache_dir="runs/demo/cache", log=print, reuse=True):
+    """The demo's recipe: one pretrained base, fine-tuned on the new domain two ways.
+
+    - the base: pretrain_or_load (reused from cache_dir when a file with the same pretraining
+      settings is there, fingerprint checked);
+    - full fine-tuning: a copy of every weight, all trainable, AdamW(cfg.full_lr, weight decay 0.01);
+    - LoRA: W0 frozen, adapters from init_lora (B = 0, so step 0 is exactly the base model),
+      AdamW(cfg.lr) on the adapters alone;
+    - both call train with seed cfg.seed + 1, so step k of each sees the same batch.
+
+    Returns a dict:
+    - "config", "lora": the DemoConfig and its LoraConfig
+    - "base", "full": Params, float32 (the pretrained base, untouched, and the fine-tuned copy)
+    - "adapters": the trained A (r, d_in) and B (d_out, r), float32
+    - "history": {"full", "lora"}: what train returns ("loss" per step, "time", ...)
+    - "val": {"base" | "full" | "lora": {"new", "old"}}: validation cross-entropy (nats per
+      character) on the fine-tuning domain and on the pretraining domain
+    - "trainable", "state_bytes": {"full", "lora"}: trained numbers and AdamW state bytes
+    - "total_params": every number of the model; "pretrain_seconds": float, or None if cached
+    - "data": the four token streams {"pre_train", "pre_val", "new_train", "new_val"}
+    """
+    cfg.validate()
+    T = cfg.model.context_length
+    pre_train, pre_val = make_splits("pretrain", cfg.n_lines[0], cfg.seed)
+    new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
+    base, pretrain_seconds = pretrain_or_load(cfg, pre_train, cache_dir, log, reuse=reuse)
+
+    def losses(params, adapters=None, lora=None):
+        return {
+            "new": evaluate(params, new_val, adapters, lora, block_size=T),
+            "old": evaluate(params, pre_val, adapters, lora, block_size=T),
+        }
+
+    val = {"base": losses(base)}
+    common = {"steps": cfg.steps, "batch_size": cfg.batch_size, "block_size": T, "seed": cfg.seed + 1}
+
+    full = Params(base.config, {k: v.copy() for k, v in base.items()})
+    opt_full = AdamW(full, lr=cfg.full_lr, weight_decay=0.01)
+    hist_full = train(full, new_train, opt_full, label="full", **common)
+    val["full"] = losses(full)
+
+    lora = cfg.lora()
+    adapters = cast(init_lora(cfg.model, lora, cfg.seed), np.float32)
+    before = {k: v.copy() for k, v in base.items()}
+    opt_lora = AdamW(adapters, lr=cfg.lr)
+    hist_lora = train(base, new_train, opt_lora, adapters=adapters, lora=lora, label="lora", **common)
+    changed = [k for k in base if not np.array_equal(base[k], before[k])]
+    if changed:  # cannot happen: model_backward never forms a frozen weight's gradient
+        raise RuntimeError(f"LoRA training changed frozen weights {changed[:3]}")
+    val["lora"] = losses(base, adapters, lora)
+
+    return {
+        "config": cfg,
+        "lora": lora,
+        "base": base,
+        "full": full,
+        "adapters": adapters,
+        "history": {"full": hist_full, "lora": hist_lora},
+        "val": val,
+        "trainable": {"full": _count(full), "lora": _count(adapters)},
+        "state_bytes": {"full": opt_full.state_bytes(), "lora": opt_lora.state_bytes()},
+        "total_params": _count(base),
+        "pretrain_seconds": pretrain_seconds,
+        "data": {"pre_train": pre_train, "pre_val": pre_val, "new_train": new_train, "new_val": new_val},
+    }
+
+
 def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     """Run the demo; returns a dict of every number it reports (also written to results.json).
 
@@ -116,46 +183,21 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = finetune_full_and_lora(cfg, out_dir / "cache", log, reuse=use_cache)
+    base, full, adapters, lora, val = runs["base"], runs["full"], runs["adapters"], runs["lora"], runs["val"]
     T = cfg.model.context_length
-    pre_train, pre_val = make_splits("pretrain", cfg.n_lines[0], cfg.seed)
-    new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
-
-    base, pretrain_seconds = pretrain_or_load(cfg, pre_train, out_dir / "cache", log, reuse=use_cache)
-
-    def losses(params, adapters=None, lora=None):
-        return (
-            evaluate(params, new_val, adapters, lora, block_size=T),
-            evaluate(params, pre_val, adapters, lora, block_size=T),
-        )
-
-    rows = {"base": {"new": None, "old": None}}
-    rows["base"]["new"], rows["base"]["old"] = losses(base)
-    ft_seed = cfg.seed + 1  # both methods see the same batches: same seed, same sampler
-
-    # full fine-tuning: a copy of every weight, all trainable
-    full = Params(base.config, {k: v.copy() for k, v in base.items()})
-    opt = AdamW(full, lr=cfg.full_lr, weight_decay=0.01)
-    t0 = time.perf_counter()
-    train(full, new_train, opt, steps=cfg.steps, batch_size=cfg.batch_size, block_size=T, seed=ft_seed, label="full")
-    rows["full"] = {"seconds": time.perf_counter() - t0, "trainable": _count(full), "state": opt.state_bytes()}
-    rows["full"]["new"], rows["full"]["old"] = losses(full)
+    rows = {"base": dict(val["base"])}
+    for k in ("full", "lora"):
+        rows[k] = {
+            **val[k],
+            "seconds": runs["history"][k]["time"][-1],
+            "trainable": runs["trainable"][k],
+            "state": runs["state_bytes"][k],
+        }
     rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
-
-    # LoRA: the base stays frozen, only the adapters train
-    lora = cfg.lora()
-    adapters = cast(init_lora(cfg.model, lora, cfg.seed), np.float32)
-    before = {k: v.copy() for k, v in base.items()}
-    opt = AdamW(adapters, lr=cfg.lr)
-    t0 = time.perf_counter()
-    train(base, new_train, opt, adapters=adapters, lora=lora, steps=cfg.steps, batch_size=cfg.batch_size,
-          block_size=T, seed=ft_seed, label="lora")  # fmt: skip
-    rows["lora"] = {"seconds": time.perf_counter() - t0, "trainable": _count(adapters), "state": opt.state_bytes()}
-    changed = [k for k in base if not np.array_equal(base[k], before[k])]
-    if changed:  # cannot happen: model_backward never forms a frozen weight's gradient
-        raise RuntimeError(f"LoRA training changed frozen weights {changed[:3]}")
-    rows["lora"]["new"], rows["lora"]["old"] = losses(base, adapters, lora)
     rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, base).stat().st_size
     rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
+    new_val = runs["data"]["new_val"]
 
     # merge check: W' = W0 + s·B·A as a plain model against the unmerged adapters
     x, _ = eval_windows(new_val, T, 16)
@@ -170,7 +212,8 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
         "full": decode(generate(full, prompt, 120, seed=cfg.seed)),
         "lora": decode(generate(base, prompt, 120, adapters, lora, seed=cfg.seed)),
     }
-    n_total = _count(base)
+    n_total = runs["total_params"]
+    pretrain_seconds = runs["pretrain_seconds"]
     gap_closed = (rows["base"]["new"] - rows["lora"]["new"]) / (rows["base"]["new"] - rows["full"]["new"])
     results = {
         "config": {**{k: v for k, v in vars(cfg).items() if k != "model"}, "model": vars(cfg.model)},

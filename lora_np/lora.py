@@ -124,7 +124,7 @@ def _fold(params, adapters, lora, sign):
 
 
 def merge(params, adapters, lora):
-    """W' = W0 + s·B·A for every target (paper Section 4.2). Returns a new Params; inputs untouched."""
+    """W' = W0 + s·B·A for every target (paper Section 4.1). Returns a new Params; inputs untouched."""
     return _fold(params, adapters, lora, +1.0)
 
 
