@@ -1,0 +1,36 @@
+"""`python -m lora_np figures` writes every figure, as PNG, deterministically."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lora_np.figures import FIGURES, make_all
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_command_writes_every_expected_file(tmp_path):
+    out = tmp_path / "figs"
+    r = subprocess.run(
+        [sys.executable, "-m", "lora_np", "figures", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(FIGURES)  # every registered figure, and no stray temporary file
+    for name in written:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+
+def test_a_figure_is_byte_identical_when_redrawn(tmp_path):
+    make_all(tmp_path / "a", ["params_vs_rank.png"])
+    make_all(tmp_path / "b", ["params_vs_rank.png"])
+    assert (tmp_path / "a" / "params_vs_rank.png").read_bytes() == (tmp_path / "b" / "params_vs_rank.png").read_bytes()
+
+
+def test_unknown_figure_name_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown figure names \['nope\.png'\]; known figures are"):
+        make_all(tmp_path / "c", ["nope.png"])
+    assert not (tmp_path / "c").exists()
