@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import write_atomic
 from .config import LORA_TARGETS, LoraConfig, ModelConfig
 from .data import VOCAB
 from .demo import DemoConfig
@@ -464,9 +465,8 @@ def run(sizes, reps, out=None, quick=False, log=print):
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)  # atomic: a crash mid-write leaves any previous file intact
+        text = json.dumps(result, indent=1).encode()
+        write_atomic(out, lambda f: f.write(text))  # a crash mid-write leaves any previous file intact
     return result
 
 

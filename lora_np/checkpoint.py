@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import LoraConfig, ModelConfig
-from .lora import adapter_names, check_rank
-from .params import Params, param_shapes
+from .lora import adapter_names, check_adapters, check_rank
+from .params import Params, check_params, param_shapes
 
 FORMAT_VERSION = 1
 META = "__meta__"
+MAX_ARRAYS = 100_000  # far beyond any model this package trains; bounds the work of a hostile config
 
 
 class CheckpointError(ValueError):
@@ -47,123 +48,197 @@ def fingerprint(params):
     return h.hexdigest()
 
 
-def _write_atomic(path, arrays, meta):
+def write_atomic(path, write):
+    """Create or replace the file `path` atomically: `write(f)` fills a temporary file in the same
+    folder (f is a binary file object), which is flushed to disk and then renamed over `path`.
+    Readers see the old file or the new one, never half of one; if `write` fails, the old file is
+    untouched and the temporary file is removed. The new file gets the usual permissions (0o666
+    minus the umask), not mkstemp's private 0o600. Used for every file the package writes.
+    """
     path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"path must end in .npz, got {str(path)!r}")
     if not path.parent.is_dir():
         raise ValueError(f"path's folder {str(path.parent)!r} does not exist")
-    payload = dict(arrays)
-    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
     except BaseException:
         os.unlink(tmp)
         raise
     return path
 
 
+def _write_npz(path, arrays, meta):
+    if Path(path).suffix != ".npz":
+        raise ValueError(f"path must end in .npz, got {str(path)!r}")
+    payload = dict(arrays)
+    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    return write_atomic(path, lambda f: np.savez(f, **payload))
+
+
+def _check_finite(name, arrays):
+    bad = [k for k, a in arrays.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise ValueError(f"{name} hold non-finite values in {bad[:4]}; refusing to save them")
+
+
 def save_params(path, params):
     """Write a Params (its arrays and ModelConfig) to `path` (.npz), atomically."""
-    if not isinstance(params, Params):
-        raise TypeError(f"params must be a lora_np Params, got {type(params).__name__}")
+    check_params(params)  # a file its own loader would refuse is never written
+    _check_finite("params", params)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "params",
         "model_config": vars(params.config),
         "fingerprint": fingerprint(params),  # checked on load: the weights are the ones saved
     }
-    return _write_atomic(path, params, meta)
+    return _write_npz(path, params, meta)
 
 
 def save_adapters(path, adapters, lora, base_params):
     """Write adapters with their LoraConfig and the fingerprint of `base_params`, atomically."""
-    if not isinstance(lora, LoraConfig):
-        raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    check_params(base_params)
+    check_adapters(base_params, adapters, lora)  # names, shapes and dtype fit the base
+    _check_finite("adapters", adapters)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "adapters",
         "model_config": vars(base_params.config),
         "lora_config": {**vars(lora), "targets": list(lora.targets), "scaling": lora.scaling},
+        "fingerprint": fingerprint(adapters),  # checked on load: the arrays are the ones saved
         "base_fingerprint": fingerprint(base_params),
     }
-    return _write_atomic(path, adapters, meta)
+    return _write_npz(path, adapters, meta)
 
 
 # ----------------------------------------------------------------------------
 # loading: read everything, check everything, then hand it out
 
 
-def _read(path, kind):
-    """Arrays and metadata of a file, or CheckpointError. Nothing from the file is executed."""
+# Everything a damaged archive can raise while being read. allow_pickle=False turns an object
+# array (the only way an .npz could carry code) into a ValueError.
+DAMAGED = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError, NotImplementedError)
+DAMAGED += (RuntimeError, UnicodeDecodeError, MemoryError, OverflowError)
+
+
+def _open(path, kind):
+    """The open archive and its metadata, or CheckpointError. Reads nothing but the metadata."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    # Everything a damaged archive can raise while being read; allow_pickle=False turns an
-    # object array (the only way an .npz could carry code) into a ValueError.
-    damaged = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError)
-    damaged += (NotImplementedError, RuntimeError, UnicodeDecodeError)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: a single .npy array, not an .npz archive")
-        with z:
-            arrays = {name: z[name] for name in z.files}
-    except damaged as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupted?): {e!r:.200}") from None
-    if META not in arrays:
-        raise CheckpointError(f"{path}: no {META} entry; not a lora_np file")
-    try:
-        meta = json.loads(arrays.pop(META).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from None
+        members = z.zip.namelist()
+        if sorted(members) != sorted(name + ".npy" for name in z.files):
+            z.close()
+            raise CheckpointError(f"{path}: every member of a lora_np archive is an .npy array, got {members[:4]}")
+        if META not in z.files:
+            z.close()
+            raise CheckpointError(f"{path}: no {META} entry; not a lora_np file")
+        shape, dtype = _header(z, META)
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] > 1_000_000:
+            z.close()
+            raise CheckpointError(f"{path}: {META} must be at most 1 MB of UTF-8 bytes, got {dtype} {shape}")
+        meta = json.loads(z[META].tobytes().decode())
+    except CheckpointError:
+        raise
+    except (*DAMAGED, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable lora_np .npz file (truncated or corrupted?): {e!r:.200}"
+        ) from None
     if not isinstance(meta, dict):
+        z.close()
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
+        z.close()
         raise CheckpointError(
             f"{path}: format_version {meta.get('format_version')!r} is not supported (this is version {FORMAT_VERSION})"
         )
     if meta.get("kind") != kind:
+        z.close()
         raise CheckpointError(f"{path}: holds {meta.get('kind')!r}, expected {kind!r}")
-    return path, arrays, meta
+    return path, z, meta
+
+
+def _header(z, name):
+    """(shape, dtype) from the .npy header of one member, without reading its data."""
+    with z.zip.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
 
 
 def _config(path, cls, fields):
     if not isinstance(fields, dict):
-        raise CheckpointError(f"{path}: {cls.__name__} metadata must be an object, got {fields!r:.80}")
+        raise CheckpointError(f"{path}: {cls.__name__} metadata must be a JSON object, got {fields!r:.80}")
     try:
         return cls(**fields)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{path}: invalid {cls.__name__} in metadata: {e}") from None
 
 
-def _check_arrays(path, arrays, shapes):
-    missing = sorted(set(shapes) - set(arrays))
-    extra = sorted(set(arrays) - set(shapes))
+def _read_arrays(path, z, expected_count, shapes_fn):
+    """Read the arrays of an open archive once their names, shapes and dtypes are known to fit.
+
+    expected_count is checked before shapes_fn() builds the expected names, so a config that
+    claims a billion layers is refused at once; each array's .npy header is read and checked
+    before its data, so a header that claims a huge shape never allocates it.
+    Closes the archive.
+    """
+    names = [n for n in z.files if n != META]
+    if expected_count > MAX_ARRAYS:
+        z.close()
+        raise CheckpointError(f"{path}: its config needs {expected_count:,} arrays; this format allows {MAX_ARRAYS:,}")
+    shapes = shapes_fn()
+    missing, extra = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
     if missing or extra:
+        z.close()
         raise CheckpointError(f"{path}: missing arrays {missing[:4]}, unexpected arrays {extra[:4]}")
-    dtypes = {a.dtype for a in arrays.values()}
-    if len(dtypes) != 1 or dtypes.pop() not in (np.float32, np.float64):
+    arrays, dtypes = {}, set()
+    try:
+        for name, shape in shapes.items():
+            got_shape, dtype = _header(z, name)
+            if dtype not in (np.dtype("<f4"), np.dtype("<f8")):
+                raise CheckpointError(f"{path}: array {name} has dtype {dtype}; allowed: float32, float64")
+            if got_shape != tuple(shape):
+                raise CheckpointError(f"{path}: array {name} has shape {got_shape}, expected {tuple(shape)}")
+            dtypes.add(dtype)
+            arrays[name] = z[name]
+    except CheckpointError:
+        raise
+    except DAMAGED as e:
+        raise CheckpointError(
+            f"{path}: not a readable lora_np .npz file (truncated or corrupted?): {e!r:.200}"
+        ) from None
+    finally:
+        z.close()
+    if len(dtypes) > 1:
         raise CheckpointError(f"{path}: arrays must all be float32 or all float64, got {sorted(map(str, dtypes))}")
-    for name, shape in shapes.items():
-        if arrays[name].shape != tuple(shape):
-            raise CheckpointError(f"{path}: array {name} has shape {arrays[name].shape}, expected {tuple(shape)}")
-        if not np.all(np.isfinite(arrays[name])):
+    for name, a in arrays.items():
+        if not np.all(np.isfinite(a)):
             raise CheckpointError(f"{path}: array {name} holds non-finite values")
+    return arrays
 
 
 def load_params(path):
     """A Params saved by save_params, validated: config, names, shapes, dtype, finite values."""
-    path, arrays, meta = _read(path, "params")
-    cfg = _config(path, ModelConfig, meta.get("model_config"))
-    _check_arrays(path, arrays, param_shapes(cfg))
+    path, z, meta = _open(path, "params")
+    try:
+        cfg = _config(path, ModelConfig, meta.get("model_config"))
+    except CheckpointError:
+        z.close()
+        raise
+    # W_e, W_p, ln_f.gamma, ln_f.beta, W_u, and 16 arrays a block
+    arrays = _read_arrays(path, z, 5 + 16 * cfg.n_layers, lambda: param_shapes(cfg))
     params = Params(cfg, arrays)
     if meta.get("fingerprint") != fingerprint(params):
         raise CheckpointError(f"{path}: the weights do not match the fingerprint stored with them")
@@ -174,24 +249,37 @@ def load_adapters(path, base_params=None):
     """Adapters and their LoraConfig, saved by save_adapters, validated.
 
     With base_params, also checks that they are the weights the adapter was trained on
-    (same config, same fingerprint): an adapter applied to another base is meaningless.
+    (same config, same fingerprint): an adapter applied to another base is meaningless. The
+    adapters are then returned in the base's dtype (model_forward requires one dtype).
 
     Returns:
     - adapters: dict name -> array
     - lora: LoraConfig
     """
-    path, arrays, meta = _read(path, "adapters")
-    cfg = _config(path, ModelConfig, meta.get("model_config"))
-    fields = dict(meta.get("lora_config") or {})
-    stored_scaling = fields.pop("scaling", None)
-    lora = _config(path, LoraConfig, fields)
-    if stored_scaling != lora.scaling:
-        raise CheckpointError(f"{path}: stored scaling {stored_scaling!r} does not match {lora} ({lora.scaling})")
+    if base_params is not None and not isinstance(base_params, Params):
+        raise TypeError(f"base_params must be a lora_np Params or None, got {type(base_params).__name__}")
+    path, z, meta = _open(path, "adapters")
     try:
-        check_rank(cfg, lora)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    _check_arrays(path, arrays, adapter_names(cfg, lora))
+        cfg = _config(path, ModelConfig, meta.get("model_config"))
+        fields = meta.get("lora_config")
+        if not isinstance(fields, dict):
+            raise CheckpointError(f"{path}: LoraConfig metadata must be a JSON object, got {fields!r:.80}")
+        fields = dict(fields)
+        stored_scaling = fields.pop("scaling", None)
+        lora = _config(path, LoraConfig, fields)
+        if stored_scaling != lora.scaling:
+            raise CheckpointError(f"{path}: stored scaling {stored_scaling!r} does not match {lora} ({lora.scaling})")
+        try:
+            check_rank(cfg, lora)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    except CheckpointError:
+        z.close()
+        raise
+    # an A and a B for every target of every block
+    arrays = _read_arrays(path, z, 2 * cfg.n_layers * len(lora.targets), lambda: adapter_names(cfg, lora))
+    if meta.get("fingerprint") != fingerprint(arrays):
+        raise CheckpointError(f"{path}: the adapter arrays do not match the fingerprint stored with them")
     if base_params is not None:
         if base_params.config != cfg:
             raise CheckpointError(f"{path}: adapter is for {cfg}, but the base model is {base_params.config}")

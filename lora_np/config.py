@@ -16,11 +16,13 @@ LORA_INITS = ("gaussian", "kaiming")
 
 
 def _check_int(name, value, minimum):
+    """The value as a Python int (a NumPy integer becomes one), or a clear error."""
     # bool is an Integral in Python; True as a layer count is a bug, not a 1.
     if not isinstance(value, Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,13 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_mlp"):
-            _check_int(name, getattr(self, name), 1)
+            # Python ints, so that equal configs are equal, hash alike and serialize to JSON
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), 1))
         if self.d_model % self.n_heads != 0:
+            divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
-                f"n_heads={self.n_heads}; allowed n_heads: "
-                f"{[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}"
+                f"n_heads={self.n_heads}; allowed n_heads include {divisors}"
             )
 
     def linear_shape(self, target):
@@ -69,14 +72,19 @@ class LoraConfig:
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
     def __post_init__(self):
-        _check_int("r", self.r, 1)
+        object.__setattr__(self, "r", _check_int("r", self.r, 1))
         if not isinstance(self.alpha, Real) or isinstance(self.alpha, bool):
             raise TypeError(f"alpha must be a real number, got {self.alpha!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
+        try:
+            alpha = float(self.alpha)
+        except OverflowError:  # a Python int too large for a float
+            alpha = math.inf
+        if not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
-        if isinstance(self.targets, str):
+        object.__setattr__(self, "alpha", alpha)
+        if not isinstance(self.targets, (tuple, list)):
             raise TypeError(
-                f"targets must be a sequence of names such as ('W_q', 'W_v'), got the string {self.targets!r}"
+                f"targets must be a tuple or list of names such as ('W_q', 'W_v'), got {self.targets!r:.60}"
             )
         targets = tuple(self.targets)
         for t in targets:
@@ -91,6 +99,7 @@ class LoraConfig:
             raise TypeError(f"dropout must be a number, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
         if not isinstance(self.rslora, bool):
@@ -99,4 +108,4 @@ class LoraConfig:
     @property
     def scaling(self):
         """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora."""
-        return float(self.alpha) / (math.sqrt(self.r) if self.rslora else self.r)
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)

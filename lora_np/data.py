@@ -24,6 +24,8 @@ from numbers import Integral
 
 import numpy as np
 
+from .params import check_seed
+
 # One vocabulary for both domains: index 0 is the newline that ends every line.
 VOCAB = "\n abcdefghijklmnopqrstuvwxyz,."
 STOI = {c: i for i, c in enumerate(VOCAB)}
@@ -85,10 +87,13 @@ def _check_domain(domain):
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
 
 
-def in_validation(line, val_percent=10):
+VAL_PERCENT = 10  # share of distinct sentences held out for validation
+
+
+def in_validation(line):
     """Whether a line belongs to the validation split: a fixed hash of its text, so a sentence
     that is generated twice always lands on the same side."""
-    return zlib.crc32(line.encode()) % 100 < val_percent
+    return zlib.crc32(line.encode()) % 100 < VAL_PERCENT
 
 
 def make_splits(domain, n_lines, seed):
@@ -102,6 +107,7 @@ def make_splits(domain, n_lines, seed):
     - val_ids: (N_val,) int64
     """
     _check_domain(domain)
+    check_seed(seed)
     if not isinstance(n_lines, Integral) or n_lines < 20:
         raise ValueError(f"n_lines must be an int >= 20 (enough for both splits), got {n_lines!r}")
     rng = np.random.default_rng([seed, DOMAINS.index(domain)])  # each domain its own stream
@@ -134,6 +140,9 @@ def sample_batch(ids, batch_size, block_size, rng):
 def eval_windows(ids, block_size, max_windows):
     """Fixed, non-overlapping windows covering the start of a stream: a deterministic
     validation set. Returns x, y of shape (n, T) with n <= max_windows."""
+    for name, v in (("block_size", block_size), ("max_windows", max_windows)):
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     n = min((ids.size - 1) // block_size, max_windows)
     if n < 1:
         raise ValueError(f"ids must hold at least block_size + 1 = {block_size + 1} ids, got {ids.size}")

@@ -35,7 +35,6 @@ References
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from .analysis import (
     random_projection_norm,
     subspace_similarity_grid,
 )
-from .checkpoint import fingerprint
+from .checkpoint import fingerprint, write_atomic
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
@@ -379,9 +378,8 @@ def save_results(results, path=DEFAULT_RESULTS, digits=6, grid_digits=4):
     """Write results as JSON, atomically (tmp + rename). Floats keep `digits` significant digits,
     φ grids `grid_digits` (a heatmap cannot show more, and the file stays ~150 kB)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_rounded(results, digits, grid_digits), separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    text = (json.dumps(_rounded(results, digits, grid_digits), separators=(",", ":")) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text))
     return path
 
 

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from .checkpoint import write_atomic
+
 # One style for every figure: readable at README width.
 STYLE = {"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3}
 
 
 def save(fig, path):
     """Write a PNG atomically (a crash mid-write leaves any previous file intact), then close fig."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     # no "Software"/date metadata, so the same numbers give the same bytes
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
+    finally:
+        plt.close(fig)
 
 
 # file name -> draw function; each section below adds its figures

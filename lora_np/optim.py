@@ -17,23 +17,30 @@ import numpy as np
 
 
 def _check_positive(name, value, allow_zero=False):
-    ok = isinstance(value, Real) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
+    """The value as a Python float (a NumPy float64 scalar would upcast float32 updates), or an error."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value >= 0 if allow_zero else value > 0)):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
 
 
 class _Optimizer:
     def __init__(self, arrays, lr):
         if not isinstance(arrays, dict) or not arrays:
             raise ValueError(f"arrays must be a non-empty dict of name -> array to train, got {arrays!r:.60}")
-        _check_positive("lr", lr)
         self.arrays = arrays  # the very arrays of params/adapters: updated in place
-        self.lr = lr
+        self.lr = _check_positive("lr", lr)
 
     def _check_grads(self, grads):
         if set(grads) != set(self.arrays):
             missing, extra = sorted(set(self.arrays) - set(grads)), sorted(set(grads) - set(self.arrays))
             raise ValueError(f"grads must have exactly the trained names: missing {missing[:4]}, extra {extra[:4]}")
+        for name, p in self.arrays.items():
+            g = grads[name]
+            if g.shape != p.shape or g.dtype != p.dtype:  # a broadcast gradient would update silently
+                raise ValueError(
+                    f"grads[{name!r}] must have shape {p.shape} and dtype {p.dtype}, got {g.shape} {g.dtype}"
+                )
 
     def state_bytes(self):
         """Bytes held by the optimizer's state (not counting the parameters or gradients)."""
@@ -78,13 +85,15 @@ class AdamW(_Optimizer):
 
     def __init__(self, arrays, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(arrays, lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = betas
         for name, b in (("betas[0]", b1), ("betas[1]", b2)):
-            if not isinstance(b, Real) or not 0.0 <= b < 1.0:
+            if not isinstance(b, Real) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {b!r}")
-        _check_positive("eps", eps)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
-        self.b1, self.b2, self.eps, self.weight_decay = float(b1), float(b2), float(eps), float(weight_decay)
+        self.b1, self.b2 = float(b1), float(b2)
+        self.eps = _check_positive("eps", eps)
+        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
         self.t = 0
         self.state = {name: {"m": np.zeros_like(a), "v": np.zeros_like(a)} for name, a in arrays.items()}
 

@@ -23,7 +23,8 @@ BIAS_OPTIONS = ("none", "all", "lora_only")
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient stopped being finite. The parameters hold the last good step."""
+    """The loss or a gradient stopped being finite. The failing step updated nothing: the
+    parameters hold what the previous step's update made of them."""
 
     def __init__(self, message, step, history):
         super().__init__(message)
@@ -135,7 +136,9 @@ def train(
       must hold exactly the trainable arrays
     - train_ids: (N,) token stream
     - steps, batch_size, block_size: optimizer steps, B, T
-    - lr_schedule: "constant" or "cosine" (decay from optimizer.lr to 10% of it)
+    - lr_schedule: "constant" or "cosine": lr_t = lr·(0.1 + 0.9·½(1 + cos(π·t/S))) after the
+      warm-up, t counting from 0 over the S = steps - warmup remaining steps, so it decays from
+      lr towards 10% of lr (cosine annealing, Loshchilov & Hutter 2017)
     - warmup: steps of linear warm-up
     - log_every: plain progress lines every this many steps when not on a terminal (0: none)
 
@@ -153,11 +156,19 @@ def train(
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if trainable is None:
-        trainable = list(adapters) if adapters is not None else list(params)
-    if set(trainable) != set(optimizer.arrays):
-        raise ValueError("optimizer must hold exactly the trainable arrays")
+        trainable = trainable_names(params, adapters, lora)
+    missing, extra = sorted(set(trainable) - set(optimizer.arrays)), sorted(set(optimizer.arrays) - set(trainable))
+    if missing or extra:
+        raise ValueError(f"optimizer must hold exactly the trainable arrays: missing {missing[:4]}, extra {extra[:4]}")
+    for name in trainable:
+        live = adapters[name] if adapters is not None and name in adapters else params[name]
+        if optimizer.arrays[name] is not live:  # e.g. AdamW(cast(adapters, ...)): it would train a copy
+            raise ValueError(
+                f"optimizer.arrays[{name!r}] is a copy, not the array being trained; "
+                f"build the optimizer on the same dict that is passed to train"
+            )
     batch_rng, dropout_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
-    base_lr = optimizer.lr
+    base_lr = float(optimizer.lr)
     history = {"loss": [], "lr": [], "time": []}
     progress = Progress(label, steps, log_every, stream)
     start = time.perf_counter()
@@ -175,9 +186,10 @@ def train(
             bad = [n for n, g in grads.items() if not np.all(np.isfinite(g))]
             if not math.isfinite(loss) or bad:
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradients of {bad[:3]}"
+                held = "the values this call started with" if step == 0 else f"the update of step {step - 1}"
                 raise TrainingDiverged(
-                    f"{label}: non-finite {what} at step {step}; the parameters hold step {step - 1}, "
-                    f"the last good one (try a lower learning rate than {base_lr})",
+                    f"{label}: non-finite {what} at step {step}; nothing was updated at this step, the "
+                    f"parameters hold {held} (try a lower learning rate than {base_lr})",
                     step,
                     history,
                 )

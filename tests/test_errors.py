@@ -43,7 +43,7 @@ def test_unknown_target_lists_the_valid_ones():
 
 
 def test_target_as_a_bare_string_is_not_split_into_letters():
-    with pytest.raises(TypeError, match=r"targets must be a sequence of names.*got the string 'W_q'"):
+    with pytest.raises(TypeError, match=r"targets must be a tuple or list of names.*got 'W_q'"):
         LoraConfig(targets="W_q")
 
 

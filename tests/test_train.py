@@ -148,7 +148,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_state(data):
     train(params, data[0], opt, steps=2, batch_size=2, block_size=8, seed=0, log_every=0)
     params["W_u"][0, 0] = np.inf  # poison a weight: the next forward pass is not finite
     snapshot = {k: v.copy() for k, v in params.items()}
-    with pytest.raises(TrainingDiverged, match=r"non-finite .* at step 0; the parameters hold step -1") as e:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"non-finite .* at step 0; nothing was updated at this step, the parameters hold the values this call",
+    ) as e:
         train(params, data[0], opt, steps=3, batch_size=2, block_size=8, seed=0, log_every=0, label="full")
     assert e.value.step == 0
     for k in params:  # nothing was updated by the failing step
@@ -185,3 +188,39 @@ def test_training_arguments_checked(data):
         train(params, data[0], opt, adapters=init_lora(CFG, lora, 0), lora=lora, steps=1, batch_size=2,
               block_size=8, seed=0)  # fmt: skip
     assert isinstance(params, Params)
+
+
+def test_an_optimizer_on_a_copy_is_refused():
+    """AdamW(cast(adapters, ...)) would train a copy: the loss would never move."""
+    params = cast(init_params(CFG, 0), np.float32)
+    lora = LoraConfig(r=2)
+    adapters = cast(init_lora(CFG, lora, 0), np.float32)
+    opt = AdamW(cast(adapters, np.float32), lr=1e-2)
+    with pytest.raises(ValueError, match=r"optimizer\.arrays\['blocks\.0\.W_q\.A'\] is a copy"):
+        train(params, make_splits("pretrain", 100, 0)[0], opt, adapters=adapters, lora=lora, steps=1, batch_size=2,
+              block_size=8, seed=0)  # fmt: skip
+
+
+def test_optimizer_checks_gradient_shapes_and_decays_only_matrices():
+    W, b = np.ones((2, 2)), np.ones(2)
+    opt = AdamW({"W": W, "b": b}, lr=0.1, weight_decay=0.5)
+    with pytest.raises(ValueError, match=r"grads\['W'\] must have shape \(2, 2\) and dtype float64, got \(2,\)"):
+        opt.step({"W": np.zeros(2), "b": np.zeros(2)})
+    opt.step({"W": np.zeros((2, 2)), "b": np.zeros(2)})  # zero gradients: only the decay moves anything
+    np.testing.assert_array_equal(W, np.full((2, 2), 1 - 0.1 * 0.5))
+    np.testing.assert_array_equal(b, np.ones(2))  # vectors (biases, LayerNorm gains) are not decayed
+    p = np.array([1.0, -2.0])
+    SGD({"p": p}, lr=0.5).step({"p": np.array([2.0, 2.0])})  # plain SGD: p - lr·g
+    np.testing.assert_array_equal(p, [0.0, -3.0])
+
+
+def test_evaluate_is_the_mean_over_all_windows_whatever_the_batch_size(data):
+    """Arithmetic done another way: one cross-entropy over every window at once."""
+    from lora_np.data import eval_windows
+    from lora_np.layers import cross_entropy_forward
+    from lora_np.model import model_forward
+
+    params = init_params(CFG, 0)
+    x, y = eval_windows(data[1], 16, 10)
+    whole = cross_entropy_forward(model_forward(params, x)[0], y)[0]
+    assert evaluate(params, data[1], block_size=16, max_windows=10, batch_size=3) == pytest.approx(whole, rel=1e-12)
