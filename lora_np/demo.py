@@ -27,6 +27,11 @@ from .optim import AdamW
 from .params import Params, cast, init_params
 from .train import evaluate, generate, train
 
+# What pretrain_or_load does beyond DemoConfig's fields. It is part of the cache key, so change it
+# whenever the recipe changes (optimizer settings, warm-up, schedule, initialization, the grammar
+# of data.py): a base pretrained by an older recipe is then never reused.
+PRETRAIN_RECIPE = "v1: init_params; AdamW weight_decay 0.01; warmup min(50, steps // 10); cosine to 10%"
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -67,7 +72,8 @@ class DemoConfig:
 
     def pretrain_key(self):
         """What the pretrained base depends on; the cache file is named by its hash."""
-        fields = (self.model, self.pretrain_steps, self.pretrain_lr, self.seed, self.batch_size, self.n_lines[0])
+        fields = (PRETRAIN_RECIPE, self.model, self.pretrain_steps, self.pretrain_lr, self.seed, self.batch_size)
+        fields += (self.n_lines[0],)
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 

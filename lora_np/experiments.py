@@ -53,7 +53,7 @@ from .checkpoint import fingerprint, write_atomic
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
-from .demo import DemoConfig, pretrain_or_load
+from .demo import PRETRAIN_RECIPE, DemoConfig, pretrain_or_load
 from .lora import delta_weight, init_lora
 from .optim import AdamW
 from .params import cast
@@ -124,7 +124,7 @@ class Section7Config:
     def to_dict(self):
         """The configuration as JSON-ready values: what the results file records and is checked by."""
         d = self.demo
-        pretrain = {"key": d.pretrain_key(), "steps": d.pretrain_steps, "lr": d.pretrain_lr,
+        pretrain = {"key": d.pretrain_key(), "recipe": PRETRAIN_RECIPE, "steps": d.pretrain_steps, "lr": d.pretrain_lr,
                     "batch_size": d.batch_size, "n_lines": d.n_lines[0]}  # fmt: skip
         cfg = {k: v for k, v in vars(self).items() if k != "demo"}
         cfg.update(model=vars(d.model), pretrain=pretrain, data_seed=d.seed, finetune_lines=d.n_lines[1],
