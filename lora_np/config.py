@@ -15,8 +15,9 @@ LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
 LORA_INITS = ("gaussian", "kaiming")
 
 
-def _check_int(name, value, minimum):
-    """The value as a Python int (a NumPy integer becomes one), or a clear error."""
+def check_int(name, value, minimum=1):
+    """The value as a Python int (a NumPy integer becomes one), or a clear error: TypeError for
+    a value that is not an integer, ValueError for one below `minimum`. Used across the package."""
     # bool is an Integral in Python; True as a layer count is a bug, not a 1.
     if not isinstance(value, Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -39,7 +40,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_mlp"):
             # Python ints, so that equal configs are equal, hash alike and serialize to JSON
-            object.__setattr__(self, name, _check_int(name, getattr(self, name), 1))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if self.d_model % self.n_heads != 0:
             divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             raise ValueError(
@@ -72,7 +73,7 @@ class LoraConfig:
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
     def __post_init__(self):
-        object.__setattr__(self, "r", _check_int("r", self.r, 1))
+        object.__setattr__(self, "r", check_int("r", self.r, 1))
         if not isinstance(self.alpha, Real) or isinstance(self.alpha, bool):
             raise TypeError(f"alpha must be a real number, got {self.alpha!r}")
         try:

@@ -23,11 +23,10 @@ Everything returns a Python int, which cannot overflow: GPT-3's counts pass 2**3
 """
 
 from collections.abc import Mapping
-from numbers import Integral
 
 import numpy as np
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, check_int
 
 # Published shapes of the models the paper adapts: only what the counts need. d_mlp is 4·d_model
 # for all of them (the paper's convention d_ffn = 4 × d_model, Section 1, which each model's own
@@ -48,15 +47,6 @@ PAPER_MODELS = {
 }
 
 
-def _check_count(name, value, minimum=1):
-    # bool is an Integral in Python; True as a width is a bug, not a 1.
-    if not isinstance(value, Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)  # a NumPy integer becomes a Python int, which cannot overflow
-
-
 def _check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
@@ -74,7 +64,7 @@ def weight_params(d_out, d_in, bias=False):
     Returns:
     - int
     """
-    d_out, d_in = _check_count("d_out", d_out), _check_count("d_in", d_in)
+    d_out, d_in = check_int("d_out", d_out), check_int("d_in", d_in)
     _check_bool("bias", bias)
     return d_out * d_in + (d_out if bias else 0)
 
@@ -94,7 +84,7 @@ def lora_params(d_out, d_in, r):
     Returns:
     - int
     """
-    d_out, d_in, r = _check_count("d_out", d_out), _check_count("d_in", d_in), _check_count("r", r)
+    d_out, d_in, r = check_int("d_out", d_out), check_int("d_in", d_in), check_int("r", r)
     if r > min(d_out, d_in):
         raise ValueError(
             f"r must be between 1 and min(d_out, d_in) = {min(d_out, d_in)} for a weight of shape "
@@ -112,7 +102,7 @@ def block_shapes(d_model, d_mlp):
     W_k, W_v as one d_model × d_model matrix, Section 4.2). Pass a dict of your own to
     lora_transformer_params for anything else.
     """
-    D, M = _check_count("d_model", d_model), _check_count("d_mlp", d_mlp)
+    D, M = check_int("d_model", d_model), check_int("d_mlp", d_mlp)
     return {"W_q": (D, D), "W_k": (D, D), "W_v": (D, D), "W_o": (D, D), "W_1": (M, D), "W_2": (D, M)}
 
 
@@ -124,8 +114,8 @@ def _check_shapes(shapes):
     for name, shape in shapes.items():
         if not (isinstance(shape, tuple) and len(shape) == 2):
             raise ValueError(f"shapes[{name!r}] must be a tuple (d_out, d_in), got {shape!r}")
-        _check_count(f"shapes[{name!r}][0] (d_out)", shape[0])
-        _check_count(f"shapes[{name!r}][1] (d_in)", shape[1])
+        check_int(f"shapes[{name!r}][0] (d_out)", shape[0])
+        check_int(f"shapes[{name!r}][1] (d_in)", shape[1])
 
 
 def lora_transformer_params(n_layers, ranks, shapes):
@@ -147,7 +137,7 @@ def lora_transformer_params(n_layers, ranks, shapes):
     Returns:
     - int
     """
-    n_layers = _check_count("n_layers", n_layers)
+    n_layers = check_int("n_layers", n_layers)
     _check_shapes(shapes)
     if not isinstance(ranks, Mapping):
         raise TypeError(f"ranks must be a dict name -> rank, such as {{'W_q': 4, 'W_v': 4}}, got {ranks!r}")
@@ -183,9 +173,9 @@ def gpt_params(n_layers, d_model, d_mlp, vocab_size, context_length, tied_head=T
     Returns:
     - int
     """
-    L, D = _check_count("n_layers", n_layers), _check_count("d_model", d_model)
-    M, V = _check_count("d_mlp", d_mlp), _check_count("vocab_size", vocab_size)
-    T = _check_count("context_length", context_length)
+    L, D = check_int("n_layers", n_layers), check_int("d_model", d_model)
+    M, V = check_int("d_mlp", d_mlp), check_int("vocab_size", vocab_size)
+    T = check_int("context_length", context_length)
     _check_bool("tied_head", tied_head)
     block = 4 * D * D + 4 * D + 2 * D * M + M + D + 4 * D
     return V * D + T * D + L * block + 2 * D + (0 if tied_head else V * D)
@@ -239,7 +229,7 @@ def checkpoint_bytes(n_numbers, dtype="float16"):
     Returns:
     - int
     """
-    n_numbers = _check_count("n_numbers", n_numbers, minimum=0)
+    n_numbers = check_int("n_numbers", n_numbers, minimum=0)
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -258,7 +248,7 @@ def adam_state_numbers(n_trainable):
 
     A frozen weight has no moments, which is where LoRA saves optimizer memory (Section 4.2).
     """
-    return 2 * _check_count("n_trainable", n_trainable, minimum=0)
+    return 2 * check_int("n_trainable", n_trainable, minimum=0)
 
 
 def adam_state_bytes(n_trainable, dtype="float32"):

@@ -20,10 +20,10 @@ goes to one split only, decided by a hash of its text.
 """
 
 import zlib
-from numbers import Integral
 
 import numpy as np
 
+from .config import check_int
 from .params import check_seed
 
 # One vocabulary for both domains: index 0 is the newline that ends every line.
@@ -108,8 +108,7 @@ def make_splits(domain, n_lines, seed):
     """
     _check_domain(domain)
     check_seed(seed)
-    if not isinstance(n_lines, Integral) or n_lines < 20:
-        raise ValueError(f"n_lines must be an int >= 20 (enough for both splits), got {n_lines!r}")
+    check_int("n_lines", n_lines, 20)  # 20 lines at least, so that both splits get some
     rng = np.random.default_rng([seed, DOMAINS.index(domain)])  # each domain its own stream
     train, val = [], []
     for _ in range(n_lines):
@@ -140,9 +139,8 @@ def sample_batch(ids, batch_size, block_size, rng):
 def eval_windows(ids, block_size, max_windows):
     """Fixed, non-overlapping windows covering the start of a stream: a deterministic
     validation set. Returns x, y of shape (n, T) with n <= max_windows."""
-    for name, v in (("block_size", block_size), ("max_windows", max_windows)):
-        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    check_int("block_size", block_size)
+    check_int("max_windows", max_windows)
     n = min((ids.size - 1) // block_size, max_windows)
     if n < 1:
         raise ValueError(f"ids must hold at least block_size + 1 = {block_size + 1} ids, got {ids.size}")

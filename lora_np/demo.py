@@ -12,13 +12,13 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import CheckpointError, load_params, save_adapters, save_params, write_atomic
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, check_int
 from .counting import count_arrays
 from .data import VOCAB, decode, encode, eval_windows, make_splits
 from .lora import check_rank, init_lora, merge
@@ -61,9 +61,7 @@ class DemoConfig:
     def validate(self):
         """Raise the API's own errors for bad values, before any work is done."""
         for name in ("steps", "pretrain_steps", "seed", "batch_size"):
-            v, low = getattr(self, name), 0 if name == "seed" else 1
-            if not isinstance(v, Integral) or isinstance(v, bool) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            check_int(name, getattr(self, name), 0 if name == "seed" else 1)
         for name in ("lr", "full_lr", "pretrain_lr"):
             v = getattr(self, name)
             if not (isinstance(v, Real) and not isinstance(v, bool) and np.isfinite(v) and v > 0):

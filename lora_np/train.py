@@ -11,10 +11,10 @@ Dimension legend: B batch, T time (block size), V vocabulary.
 import math
 import sys
 import time
-from numbers import Integral
 
 import numpy as np
 
+from .config import check_int
 from .data import eval_windows, sample_batch
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
@@ -83,11 +83,6 @@ def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=6
     return total / len(x)
 
 
-def _check_int(name, value, minimum):
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 class Progress:
     """A live line on a terminal (step, loss, tokens/s, time left); plain lines otherwise."""
 
@@ -148,11 +143,11 @@ def train(
     Raises TrainingDiverged at the first step whose loss or gradients are not finite; the
     arrays then hold the result of the last good step.
     """
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("block_size", block_size, 1)
-    _check_int("seed", seed, 0)
-    _check_int("warmup", warmup, 0)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("block_size", block_size, 1)
+    check_int("seed", seed, 0)
+    check_int("warmup", warmup, 0)
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if trainable is None:
@@ -218,7 +213,7 @@ def generate(params, prompt_ids, n_new, adapters=None, lora=None, *, temperature
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    _check_int("n_new", n_new, 0)
+    check_int("n_new", n_new, 0)
     ids = np.asarray(prompt_ids, dtype=np.int64)
     if ids.ndim != 1 or ids.size < 1:
         raise ValueError(f"prompt_ids must be a non-empty 1-D array of ids, got shape {ids.shape}")
