@@ -1,9 +1,9 @@
 """Base parameters and adapters on disk: one .npz per file, validated before anything is used.
 
 A file holds its arrays and one extra entry, "__meta__", the UTF-8 bytes of a JSON object:
-the format version, what the file holds ("params" or "adapters"), the ModelConfig, and for
-adapters the LoraConfig (scaling convention included) and the fingerprint of the base
-weights the adapter was trained on. Loading uses allow_pickle=False and never executes
+the format version, what the file holds ("params" or "adapters"), the ModelConfig, the
+fingerprint of its own arrays, and for adapters the LoraConfig (scaling convention included)
+and the fingerprint of the base weights the adapter was trained on. Loading uses allow_pickle=False and never executes
 anything from the file; every way a file can fail to fit raises CheckpointError (a
 ValueError) that names the file and what does not fit.
 
@@ -118,7 +118,7 @@ def save_adapters(path, adapters, lora, base_params):
 
 
 # ----------------------------------------------------------------------------
-# loading: read everything, check everything, then hand it out
+# loading: check the metadata, then each array's header, then read and check the data
 
 
 # Everything a damaged archive can raise while being read. allow_pickle=False turns an object
@@ -128,7 +128,7 @@ DAMAGED += (RuntimeError, UnicodeDecodeError, MemoryError, OverflowError)
 
 
 def _open(path, kind):
-    """The open archive and its metadata, or CheckpointError. Reads nothing but the metadata."""
+    """The metadata of a lora_np archive, or CheckpointError. Reads nothing but the metadata."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -136,18 +136,16 @@ def _open(path, kind):
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: a single .npy array, not an .npz archive")
-        members = z.zip.namelist()
-        if sorted(members) != sorted(name + ".npy" for name in z.files):
-            z.close()
-            raise CheckpointError(f"{path}: every member of a lora_np archive is an .npy array, got {members[:4]}")
-        if META not in z.files:
-            z.close()
-            raise CheckpointError(f"{path}: no {META} entry; not a lora_np file")
-        shape, dtype = _header(z, META)
-        if dtype != np.uint8 or len(shape) != 1 or shape[0] > 1_000_000:
-            z.close()
-            raise CheckpointError(f"{path}: {META} must be at most 1 MB of UTF-8 bytes, got {dtype} {shape}")
-        meta = json.loads(z[META].tobytes().decode())
+        with z:
+            members = z.zip.namelist()
+            if sorted(members) != sorted(name + ".npy" for name in z.files):
+                raise CheckpointError(f"{path}: every member of a lora_np archive is an .npy array, got {members[:4]}")
+            if META not in z.files:
+                raise CheckpointError(f"{path}: no {META} entry; not a lora_np file")
+            shape, dtype = _header(z, META)
+            if dtype != np.uint8 or len(shape) != 1 or shape[0] > 1_000_000:
+                raise CheckpointError(f"{path}: {META} must be at most 1 MB of UTF-8 bytes, got {dtype} {shape}")
+            meta = json.loads(z[META].tobytes().decode())
     except CheckpointError:
         raise
     except (*DAMAGED, json.JSONDecodeError, RecursionError) as e:
@@ -155,17 +153,14 @@ def _open(path, kind):
             f"{path}: not a readable lora_np .npz file (truncated or corrupted?): {e!r:.200}"
         ) from None
     if not isinstance(meta, dict):
-        z.close()
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
-        z.close()
         raise CheckpointError(
             f"{path}: format_version {meta.get('format_version')!r} is not supported (this is version {FORMAT_VERSION})"
         )
     if meta.get("kind") != kind:
-        z.close()
         raise CheckpointError(f"{path}: holds {meta.get('kind')!r}, expected {kind!r}")
-    return path, z, meta
+    return path, meta
 
 
 def _header(z, name):
@@ -186,41 +181,37 @@ def _config(path, cls, fields):
         raise CheckpointError(f"{path}: invalid {cls.__name__} in metadata: {e}") from None
 
 
-def _read_arrays(path, z, expected_count, shapes_fn):
-    """Read the arrays of an open archive once their names, shapes and dtypes are known to fit.
+def _read_arrays(path, expected_count, shapes_fn):
+    """Read the arrays of an archive once their names, shapes and dtypes are known to fit.
 
     expected_count is checked before shapes_fn() builds the expected names, so a config that
     claims a billion layers is refused at once; each array's .npy header is read and checked
     before its data, so a header that claims a huge shape never allocates it.
-    Closes the archive.
     """
-    names = [n for n in z.files if n != META]
     if expected_count > MAX_ARRAYS:
-        z.close()
         raise CheckpointError(f"{path}: its config needs {expected_count:,} arrays; this format allows {MAX_ARRAYS:,}")
     shapes = shapes_fn()
-    missing, extra = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
-    if missing or extra:
-        z.close()
-        raise CheckpointError(f"{path}: missing arrays {missing[:4]}, unexpected arrays {extra[:4]}")
     arrays, dtypes = {}, set()
     try:
-        for name, shape in shapes.items():
-            got_shape, dtype = _header(z, name)
-            if dtype not in (np.dtype("<f4"), np.dtype("<f8")):
-                raise CheckpointError(f"{path}: array {name} has dtype {dtype}; allowed: float32, float64")
-            if got_shape != tuple(shape):
-                raise CheckpointError(f"{path}: array {name} has shape {got_shape}, expected {tuple(shape)}")
-            dtypes.add(dtype)
-            arrays[name] = z[name]
+        with np.load(path, allow_pickle=False) as z:
+            names = [n for n in z.files if n != META]
+            missing, extra = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
+            if missing or extra:
+                raise CheckpointError(f"{path}: missing arrays {missing[:4]}, unexpected arrays {extra[:4]}")
+            for name, shape in shapes.items():
+                got_shape, dtype = _header(z, name)
+                if dtype not in (np.dtype("<f4"), np.dtype("<f8")):
+                    raise CheckpointError(f"{path}: array {name} has dtype {dtype}; allowed: float32, float64")
+                if got_shape != tuple(shape):
+                    raise CheckpointError(f"{path}: array {name} has shape {got_shape}, expected {tuple(shape)}")
+                dtypes.add(dtype)
+                arrays[name] = z[name]
     except CheckpointError:
         raise
     except DAMAGED as e:
         raise CheckpointError(
             f"{path}: not a readable lora_np .npz file (truncated or corrupted?): {e!r:.200}"
         ) from None
-    finally:
-        z.close()
     if len(dtypes) > 1:
         raise CheckpointError(f"{path}: arrays must all be float32 or all float64, got {sorted(map(str, dtypes))}")
     for name, a in arrays.items():
@@ -231,14 +222,10 @@ def _read_arrays(path, z, expected_count, shapes_fn):
 
 def load_params(path):
     """A Params saved by save_params, validated: config, names, shapes, dtype, finite values."""
-    path, z, meta = _open(path, "params")
-    try:
-        cfg = _config(path, ModelConfig, meta.get("model_config"))
-    except CheckpointError:
-        z.close()
-        raise
+    path, meta = _open(path, "params")
+    cfg = _config(path, ModelConfig, meta.get("model_config"))
     # W_e, W_p, ln_f.gamma, ln_f.beta, W_u, and 16 arrays a block
-    arrays = _read_arrays(path, z, 5 + 16 * cfg.n_layers, lambda: param_shapes(cfg))
+    arrays = _read_arrays(path, 5 + 16 * cfg.n_layers, lambda: param_shapes(cfg))
     params = Params(cfg, arrays)
     if meta.get("fingerprint") != fingerprint(params):
         raise CheckpointError(f"{path}: the weights do not match the fingerprint stored with them")
@@ -258,26 +245,22 @@ def load_adapters(path, base_params=None):
     """
     if base_params is not None and not isinstance(base_params, Params):
         raise TypeError(f"base_params must be a lora_np Params or None, got {type(base_params).__name__}")
-    path, z, meta = _open(path, "adapters")
+    path, meta = _open(path, "adapters")
+    cfg = _config(path, ModelConfig, meta.get("model_config"))
+    fields = meta.get("lora_config")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: LoraConfig metadata must be a JSON object, got {fields!r:.80}")
+    fields = dict(fields)
+    stored_scaling = fields.pop("scaling", None)
+    lora = _config(path, LoraConfig, fields)
+    if stored_scaling != lora.scaling:
+        raise CheckpointError(f"{path}: stored scaling {stored_scaling!r} does not match {lora} ({lora.scaling})")
     try:
-        cfg = _config(path, ModelConfig, meta.get("model_config"))
-        fields = meta.get("lora_config")
-        if not isinstance(fields, dict):
-            raise CheckpointError(f"{path}: LoraConfig metadata must be a JSON object, got {fields!r:.80}")
-        fields = dict(fields)
-        stored_scaling = fields.pop("scaling", None)
-        lora = _config(path, LoraConfig, fields)
-        if stored_scaling != lora.scaling:
-            raise CheckpointError(f"{path}: stored scaling {stored_scaling!r} does not match {lora} ({lora.scaling})")
-        try:
-            check_rank(cfg, lora)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    except CheckpointError:
-        z.close()
-        raise
+        check_rank(cfg, lora)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     # an A and a B for every target of every block
-    arrays = _read_arrays(path, z, 2 * cfg.n_layers * len(lora.targets), lambda: adapter_names(cfg, lora))
+    arrays = _read_arrays(path, 2 * cfg.n_layers * len(lora.targets), lambda: adapter_names(cfg, lora))
     if meta.get("fingerprint") != fingerprint(arrays):
         raise CheckpointError(f"{path}: the adapter arrays do not match the fingerprint stored with them")
     if base_params is not None:

@@ -70,8 +70,10 @@ class DemoConfig:
 
     def pretrain_key(self):
         """What the pretrained base depends on; the cache file is named by its hash."""
-        fields = (PRETRAIN_RECIPE, self.model, self.pretrain_steps, self.pretrain_lr, self.seed, self.batch_size)
-        fields += (self.n_lines[0],)
+        fields = (
+            PRETRAIN_RECIPE, self.model, self.pretrain_steps, self.pretrain_lr, self.seed, self.batch_size,
+            self.n_lines[0],
+        )  # fmt: skip
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 

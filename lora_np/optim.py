@@ -54,7 +54,7 @@ class SGD(_Optimizer):
         super().__init__(arrays, lr)
         if not isinstance(momentum, Real) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum = momentum
+        self.momentum = float(momentum)
         self.state = {name: {"v": np.zeros_like(a)} for name, a in arrays.items()} if momentum else {}
 
     def step(self, grads):

@@ -78,8 +78,9 @@ def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=6
     x, y = eval_windows(ids, block_size, max_windows)  # (n, T) each
     total = 0.0
     for i in range(0, len(x), batch_size):
-        logits, _ = model_forward(params, x[i : i + batch_size], adapters, lora)
-        total += cross_entropy_forward(logits, y[i : i + batch_size])[0] * len(x[i : i + batch_size])
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]  # the last batch may be shorter
+        logits, _ = model_forward(params, xb, adapters, lora)
+        total += cross_entropy_forward(logits, yb)[0] * len(xb)  # a mean over a batch, weighted by its size
     return total / len(x)
 
 
@@ -140,8 +141,8 @@ def train(
     Returns:
     - history: {"loss": [per step], "lr": [...], "time": [seconds since start], "tokens_per_s": float}
 
-    Raises TrainingDiverged at the first step whose loss or gradients are not finite; the
-    arrays then hold the result of the last good step.
+    Raises TrainingDiverged at the first step whose loss or gradients are not finite; that
+    step updates nothing, so the arrays hold what the steps before it made of them.
     """
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
@@ -156,8 +157,10 @@ def train(
     if missing or extra:
         raise ValueError(f"optimizer must hold exactly the trainable arrays: missing {missing[:4]}, extra {extra[:4]}")
     for name in trainable:
-        live = adapters[name] if adapters is not None and name in adapters else params[name]
-        if optimizer.arrays[name] is not live:  # e.g. AdamW(cast(adapters, ...)): it would train a copy
+        live = adapters[name] if adapters is not None and name in adapters else params.get(name)
+        if (
+            live is not None and optimizer.arrays[name] is not live
+        ):  # unknown names: model_backward says so  # e.g. AdamW(cast(adapters, ...)): it would train a copy
             raise ValueError(
                 f"optimizer.arrays[{name!r}] is a copy, not the array being trained; "
                 f"build the optimizer on the same dict that is passed to train"
