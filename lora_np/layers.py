@@ -12,7 +12,7 @@ Orientation follows the paper: a weight W has shape (d_out, d_in), the paper's
 W0 ∈ R^{d×k}; tokens are rows, so the column-vector formula h = W0·x reads
 `h = x @ W.T` in code.
 
-Frozen means not computed (STYLE rule 7): the backward of a layer with parameters takes
+Frozen means not computed: the backward of a layer with parameters takes
 `need_d<param>` flags, and a gradient that is not needed is never formed; its slot in the
 returned tuple is None. The LoRA layer treats W0 and b as frozen by definition: its backward
 returns (dx, dA, dB) and has no slot for them (a bias that trains alongside the adapters is
@@ -95,7 +95,13 @@ def lora_linear_forward(x, W, b, A, B, scaling, *, dropout=0.0, rng=None):
 
     Returns:
     - out: (..., d_out)
-    - cache: (x, W, xd, mask, xA, A, B, scaling); see the comment below
+    - cache: (x, W, xd, mask, xA, A, B, scaling), in this order:
+        x     the input as given, (..., d_in); backward reads only its shape
+        W     W0 (d_out, d_in), for the frozen path of dx
+        xd    the input of A, (N, d_in) with N = prod(x.shape[:-1]): x after dropout, or x itself
+        mask  (N, d_in) with entries 0 or 1/(1 - dropout), or None when dropout is 0
+        xA    A·x (N, r), the input of B
+        A, B, scaling  as given
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -115,8 +121,8 @@ def lora_linear_forward(x, W, b, A, B, scaling, *, dropout=0.0, rng=None):
         mask, xd = None, x2
     xA = xd @ A.T  # (N, r)   A·x, only r wide
     h += (scaling * xA) @ B.T  # (N, d_out)   s·B·(A·x): scale the r-wide factor; B·A is never formed
-    # Cached: x and W0 for dx; xd (the dropped-out x) for dA; xA = A·x for dB, worth keeping
-    # because it is only r wide and recomputing it costs a d_in-wide product.
+    # Cached: W0 for dx (x only for its shape); xd (the dropped-out x) for dA; xA = A·x for dB,
+    # worth keeping because it is only r wide and recomputing it costs a d_in-wide product.
     cache = (x, W, xd, mask, xA, A, B, scaling)
     return h.reshape(*x.shape[:-1], W.shape[0]), cache
 

@@ -81,6 +81,8 @@ def init_lora(cfg, lora, seed):
 
 def check_adapters(params, adapters, lora):
     """Raise a clear error unless `adapters` fit `params` under `lora`: names, shapes, dtype."""
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be a lora_np Params (from init_params), got {type(params).__name__}")
     if not isinstance(lora, LoraConfig):
         raise TypeError(f"lora must be a LoraConfig when adapters are given, got {type(lora).__name__}")
     if not isinstance(adapters, dict):
@@ -111,23 +113,43 @@ def delta_weight(adapters, lora, name):
     return lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
 
 
-def _fold(params, adapters, lora, sign):
-    if not isinstance(params, Params):
-        raise TypeError(f"params must be a lora_np Params (from init_params), got {type(params).__name__}")
+def merge(params, adapters, lora):
+    """W' = W0 + s·B·A for every adapted weight (paper Section 4.1), so inference runs the plain
+    model with no extra latency.
+
+    Inputs:
+    - params: Params holding W0
+    - adapters: dict from init_lora (trained), names "blocks.{l}.{target}.A" (r, d_in) and ".B" (d_out, r)
+    - lora: the LoraConfig the adapters were made for; its `scaling` is s
+
+    Returns:
+    - merged: a new Params; the adapted weights are new arrays, every other array is shared with
+      params (never written to), and params and adapters are left untouched
+    """
     check_adapters(params, adapters, lora)
-    out = params.copy()  # a shallow copy: untouched arrays are shared, adapted ones replaced
+    merged = params.copy()  # shallow: arrays LoRA does not adapt are shared, adapted ones replaced
     for l in range(params.config.n_layers):
         for t in lora.targets:
             name = f"blocks.{l}.{t}"
-            out[name] = params[name] + sign * delta_weight(adapters, lora, name)
-    return out
-
-
-def merge(params, adapters, lora):
-    """W' = W0 + s·B·A for every target (paper Section 4.1). Returns a new Params; inputs untouched."""
-    return _fold(params, adapters, lora, +1.0)
+            # s·B·A: (d_out, r) @ (r, d_in), formed once here so that inference never forms it
+            delta = lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
+            merged[name] = params[name] + delta  # W' = W0 + s·B·A
+    return merged
 
 
 def unmerge(merged, adapters, lora):
-    """W0 = W' - s·B·A for every target, the inverse of merge up to round-off. Returns a new Params."""
-    return _fold(merged, adapters, lora, -1.0)
+    """W0 = W' - s·B·A for every adapted weight: the inverse of merge, up to round-off.
+
+    Subtracting the same s·B·A that merge added gives W0 back to within an ulp or so of W0 + s·B·A,
+    not bit for bit: (W0 + Δ) - Δ rounds twice.
+
+    Inputs and Returns as in merge, with `merged` in place of params.
+    """
+    check_adapters(merged, adapters, lora)
+    params = merged.copy()
+    for l in range(merged.config.n_layers):
+        for t in lora.targets:
+            name = f"blocks.{l}.{t}"
+            delta = lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])  # s·B·A, as merge formed it
+            params[name] = merged[name] - delta  # W0 = W' - s·B·A
+    return params

@@ -98,6 +98,11 @@ class AdamW(_Optimizer):
         self.state = {name: {"m": np.zeros_like(a), "v": np.zeros_like(a)} for name, a in arrays.items()}
 
     def step(self, grads):
+        """One AdamW update of every trained array, in place, by the formulas above.
+
+        Inputs:
+        - grads: dict name -> gradient, exactly the trained names, each shaped and typed like its array
+        """
         self._check_grads(grads)
         self.t += 1
         # Python floats throughout, so float32 parameters stay float32

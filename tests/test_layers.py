@@ -2,7 +2,7 @@
 
 For each op: draw shapes and values, draw a random upstream gradient dout, and compare
 op_backward(dout, cache) with the numerical gradient of sum(op_forward(...) * dout) for
-every input separately (STYLE rule 8). Single ops must agree to 1e-7 relative.
+every input separately. Single ops must agree to 1e-7 relative.
 """
 
 import numpy as np

@@ -1,0 +1,53 @@
+"""The course kit: a homework on LoRA made from lora_np's own reference code, and its autograder.
+
+    python -m lora_np course make DIR [--solutions]    the handout (or its solutions)
+    python -m lora_np course grade DIR [--json FILE]   grade it: a table with hints; Gradescope's JSON
+
+exercises.py says which functions are exercises and what they are worth; make.py turns the
+reference functions into blanks; checks.py is what the grader checks; grade.py and worker.py run
+the checks with the student's code contained; notebooks.py holds the exercise notebooks.
+notebooks/COURSE.md is the instructor's guide.
+"""
+
+
+def check(*ids, directory="."):
+    """Grade some exercises of the handout in `directory` (for the notebooks): check("E1")."""
+    from .grade import check as _check
+
+    return _check(*ids, directory=directory)
+
+
+def main(argv, prog="python -m lora_np course"):
+    import argparse
+
+    commands = {"make": _make, "grade": _grade}
+    if not argv or argv[0] not in commands:
+        p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+        p.add_argument("command", choices=sorted(commands), help="make a handout, or grade one")
+        p.parse_args(argv[:1])  # exits 2 with the usage for a missing or unknown command
+    return commands[argv[0]](argv[1:], f"{prog} {argv[0]}")
+
+
+def _make(argv, prog):
+    import argparse
+
+    from .make import make
+
+    p = argparse.ArgumentParser(prog=prog, description="Write the course handout (exercises with blanks).")
+    p.add_argument("dir", help="folder to write (created if missing; existing exercise files are never replaced)")
+    p.add_argument("--solutions", action="store_true", help="fill every blank: the instructor's version")
+    p.add_argument("--force", action="store_true", help="replace exercise files already in dir")
+    a = p.parse_args(argv)
+    try:
+        written = make(a.dir, solutions=a.solutions, force=a.force)
+    except ValueError as e:
+        p.error(str(e))
+    kind = "solutions" if a.solutions else "handout"
+    print(f"wrote the {kind} to {a.dir}: {', '.join(written)}")
+    return 0
+
+
+def _grade(argv, prog):
+    from .grade import main as grade_main
+
+    return grade_main(argv, prog)

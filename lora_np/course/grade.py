@@ -1,0 +1,170 @@
+"""`python -m lora_np course grade DIR`: the autograder.
+
+Each exercise runs in a process of its own (worker.py) with a time limit, so a student's code
+that loops forever, exits, crashes or eats the process loses that exercise's points and nothing
+else; its output never reaches the grader's table or its JSON. The checks themselves, with their
+points, are in checks.py.
+
+The result prints as a table, a hint under every failed check; `--json FILE` writes it in the
+format Gradescope's autograder reads,
+
+    {"score": ..., "execution_time": ..., "output": ...,
+     "tests": [{"name", "number", "score", "max_score", "status", "output"}, ...]}
+
+and the exit status is 0 only at full marks.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ..checkpoint import write_atomic
+from .exercises import BY_ID, EXERCISES
+
+DEFAULT_TIMEOUT = 120.0  # seconds an exercise may take; the solutions need a few
+
+
+@dataclass
+class Result:
+    exercise: str
+    id: str  # "E2.1"
+    title: str
+    points: int
+    passed: bool
+    hint: str  # why it failed, or ""
+
+    @property
+    def score(self):
+        return self.points if self.passed else 0
+
+
+def _checks(ex_id):
+    from .checks import CHECKS
+
+    return CHECKS[ex_id]
+
+
+def run_exercise(directory, ex_id, timeout):
+    """Grade one exercise in a child process; a check it did not report failed, with the reason."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = os.path.join(tmp, "results.jsonl")
+        # One BLAS thread: the matrices are tiny, and spinning threads collapse a shared machine.
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        cmd = [sys.executable, "-m", "lora_np.course.worker", os.path.abspath(directory), ex_id, results]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+            ended = None if proc.returncode == 0 else f"the grading process ended with exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            ended = f"time limit of {timeout:g} s exceeded (an endless loop, or far too slow)"
+        done = {}
+        if os.path.exists(results):
+            with open(results, encoding="utf-8") as f:
+                for line in f:
+                    if line.endswith("\n"):  # a line cut short by a kill is not a result
+                        r = json.loads(line)
+                        done[r["id"]] = r["hint"]
+    out = []
+    for check_id, title, points, _ in _checks(ex_id):
+        if check_id in done:
+            hint = done[check_id]
+        else:
+            hint = f"not finished: {ended or 'the grading process stopped'} during or before this check"
+        out.append(Result(ex_id, check_id, title, points, hint is None, hint or ""))
+    return out
+
+
+def grade(directory, only=None, timeout=DEFAULT_TIMEOUT):
+    """Every check of the chosen exercises (all by default), in order: a list of Result."""
+    results = []
+    for ex in EXERCISES:
+        if only is None or ex.id in only:
+            results.extend(run_exercise(directory, ex.id, timeout))
+    return results
+
+
+def table(results, directory):
+    lines = [f"lora_np course grade {directory}", "", f"{'exercise':<56} {'points':>7}  result"]
+    for ex in EXERCISES:
+        rs = [r for r in results if r.exercise == ex.id]
+        if rs:
+            got, top = sum(r.score for r in rs), sum(r.points for r in rs)
+            status = "passed" if got == top else "failed"
+            lines.append(f"{ex.id + ' ' + ex.title:<56} {f'{got}/{top}':>7}  {status}")
+            for r in rs:
+                if not r.passed:
+                    lines.append(f"    {r.id} {r.title} (-{r.points})")
+                    lines.append(f"        {r.hint}")
+    got, top = sum(r.score for r in results), sum(r.points for r in results)
+    lines += ["", f"{'total':<56} {f'{got}/{top}':>7}  {'full marks' if got == top else ''}".rstrip()]
+    return "\n".join(lines)
+
+
+def gradescope(results, seconds, text):
+    """Gradescope's results.json: one test a check, its score and max_score, the hint as its output."""
+    return {
+        "score": sum(r.score for r in results),
+        "execution_time": round(seconds, 1),
+        "output": text,
+        "visibility": "visible",
+        "stdout_visibility": "hidden",
+        "tests": [
+            {"name": f"{r.id} {r.title}", "number": r.id, "score": r.score, "max_score": r.points,
+             "status": "passed" if r.passed else "failed", "output": r.hint, "visibility": "visible"}
+            for r in results
+        ],  # fmt: skip
+    }
+
+
+def check(*ids, directory="."):
+    """For the exercise notebooks: grade some exercises of the handout in `directory`, print the
+    table, and return True when they all get full marks. check("E1") or check("E1", "E2")."""
+    only = _check_ids(ids)
+    results = grade(directory, only)
+    print(table(results, directory))
+    return all(r.passed for r in results)
+
+
+def _check_ids(ids):
+    bad = [i for i in ids if i not in BY_ID]
+    if not ids or bad:
+        raise ValueError(f"exercises must be among {sorted(BY_ID)}, got {list(ids) if ids else 'none'}")
+    return set(ids)
+
+
+def main(argv, prog="python -m lora_np course grade"):
+    p = argparse.ArgumentParser(prog=prog, description="Grade a course handout: every exercise, with hints.")
+    p.add_argument("dir", help="the handout folder holding the student's .py files")
+    p.add_argument("--only", default="", help="comma-separated exercises, e.g. E1,E2 (default: all)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds each exercise may take (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
+    p.add_argument("--json", default=None, help="also write the results here, in Gradescope's results.json format")
+    a = p.parse_args(argv)
+    try:  # every argument checked before any student code runs
+        only = _check_ids([s.strip() for s in a.only.split(",") if s.strip()]) if a.only else None
+        if not os.path.isdir(a.dir):
+            raise ValueError(f"dir {a.dir!r} is not a folder")
+        files = sorted({BY_ID[e].file for e in (only or BY_ID)})
+        missing = [f for f in files if not os.path.isfile(os.path.join(a.dir, f))]
+        if missing:
+            raise ValueError(f"dir {a.dir!r} has no {', '.join(missing)}: is it a handout from `course make`?")
+        if not (a.timeout > 0 and a.timeout < float("inf")):
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {a.timeout}")
+        if a.json is not None:
+            folder = os.path.dirname(os.path.abspath(a.json))
+            if not a.json or os.path.isdir(a.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"--json {a.json!r} must be a file path in an existing, writable folder")
+    except ValueError as e:
+        p.error(str(e))
+    start = time.perf_counter()
+    results = grade(a.dir, only, a.timeout)
+    text = table(results, a.dir)
+    print(text)
+    if a.json is not None:
+        doc = gradescope(results, time.perf_counter() - start, text)
+        write_atomic(a.json, lambda f: f.write(json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8")))
+    return 0 if all(r.passed for r in results) else 1

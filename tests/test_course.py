@@ -1,0 +1,238 @@
+"""The course kit: the handout, its solutions and an honest autograder.
+
+The grader is judged by what it does to code whose correctness is known independently: the
+untouched handout (nothing written) must score 0, the solutions (lora_np's reference code,
+itself checked against finite differences in the rest of this suite) full marks, and each
+realistic student bug planted into the solutions must cost points in its own exercise and only
+there.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lora_np.course.checks import CHECKS
+from lora_np.course.exercises import BY_ID, EXERCISES, FILES, TOTAL_POINTS
+from lora_np.course.grade import grade
+from lora_np.course.make import BEGIN, END, strip_solutions
+
+
+def course(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lora_np", "course", *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """`course make` twice, as an instructor runs it: the handout and the solutions."""
+    root = tmp_path_factory.mktemp("course")
+    for kind, extra in (("handout", []), ("solutions", ["--solutions"])):
+        r = course("make", str(root / kind), *extra)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+# Gradescope's results.json, as its autograder documentation specifies the fields we write.
+TOP = {"score": (int, float), "execution_time": (int, float), "output": str, "tests": list}
+TEST = {"name": str, "number": str, "score": (int, float), "max_score": (int, float), "status": str, "output": str}
+
+
+def validate_gradescope(doc):
+    for key, types in TOP.items():
+        assert isinstance(doc[key], types), key
+    assert doc.get("visibility", "visible") in ("visible", "hidden", "after_due_date", "after_published")
+    for t in doc["tests"]:
+        for key, types in TEST.items():
+            assert isinstance(t[key], types), (t, key)
+        assert t["status"] in ("passed", "failed") and 0 <= t["score"] <= t["max_score"]
+    assert doc["score"] == sum(t["score"] for t in doc["tests"])
+
+
+def test_the_handout_scores_zero(made, tmp_path):
+    out = tmp_path / "results.json"
+    r = course("grade", str(made / "handout"), "--json", str(out))
+    assert r.returncode == 1, r.stdout + r.stderr  # not full marks
+    doc = json.loads(out.read_text())
+    validate_gradescope(doc)
+    assert doc["score"] == 0
+    assert len(doc["tests"]) == sum(len(c) for c in CHECKS.values())
+    assert all(t["status"] == "failed" and "not written yet" in t["output"] for t in doc["tests"])
+    assert "total" in r.stdout and f"0/{TOTAL_POINTS}" in r.stdout
+
+
+def test_the_solutions_get_full_marks(made, tmp_path):
+    out = tmp_path / "results.json"
+    r = course("grade", str(made / "solutions"), "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    validate_gradescope(doc)
+    assert doc["score"] == TOTAL_POINTS == 100
+    assert all(t["status"] == "passed" and t["output"] == "" for t in doc["tests"])
+    assert f"{TOTAL_POINTS}/{TOTAL_POINTS}  full marks" in r.stdout
+
+
+def test_the_handout_is_the_solutions_with_every_region_stubbed(made):
+    """One source, two outputs: stripping the solutions gives the handout, byte for byte."""
+    for f in FILES:
+        sol = (made / "solutions" / f.name).read_text()
+        assert sol.count(BEGIN) == sol.count(END) == sum(len(e.blanks) for e in EXERCISES if e.file == f.name)
+        assert (made / "handout" / f.name).read_text() == strip_solutions(sol)
+    for nb in sorted((made / "solutions").glob("*.ipynb")):
+        sol, hand = json.loads(nb.read_text()), json.loads((made / "handout" / nb.name).read_text())
+        assert len(sol["cells"]) == len(hand["cells"])
+        marked = 0
+        for s, h in zip(sol["cells"], hand["cells"]):
+            if BEGIN in s["source"]:
+                marked += 1
+                assert s["metadata"]["nbgrader"]["solution"] is True  # nbgrader can make the handout itself
+                stub = "YOUR ANSWER HERE" if s["cell_type"] == "markdown" else "raise NotImplementedError()"
+                assert stub in h["source"] and BEGIN not in h["source"]
+            else:
+                assert s == h
+        assert marked > 0, nb.name
+
+
+def test_points_add_up():
+    assert {e: sum(c[2] for c in CHECKS[e]) for e in BY_ID} == {e.id: e.points for e in EXERCISES}
+    assert TOTAL_POINTS == 100
+
+
+# (exercise, file, the solution's line, the student's line, a word the hint must contain)
+BUGS = {
+    "alpha/r missing in dA": ("E2", "lora_layer.py", "dA = dxA.T @ xd if need_dA", "dA = (g @ B).T @ xd if need_dA",
+                              "dA"),
+    "transposed square W in dx": ("E2", "lora_layer.py", "dx = g @ W  #", "dx = g @ W.T  #", "dx"),
+    "dropout mask forgotten in backward": ("E2", "lora_layer.py", "dx += dxd if mask is None else dxd * mask",
+                                           "dx += dxd", "dropout"),
+    "scaling applied twice in forward": ("E1", "lora_layer.py", "h += (scaling * xA) @ B.T",
+                                         "h += (scaling * scaling * xA) @ B.T", "times"),
+    "scaling applied twice in dB": ("E2", "lora_layer.py", "dB = scaling * (g.T @ xA)",
+                                    "dB = scaling * scaling * (g.T @ xA)", "dB"),
+    "dx through the merged weight (forms B·A)": ("E2", "lora_layer.py", "dx = g @ W  #",
+                                                 "dx = g @ (W + scaling * B @ A) - (scaling * (g @ B)) @ A  #",
+                                                 "d_out × d_in"),
+    "frozen dA computed, then dropped": ("E2", "lora_layer.py", "dA = dxA.T @ xd if need_dA else None",
+                                         "dA = dxA.T @ xd\n    dA = dA if need_dA else None", "frozen"),
+    "unmerge adds instead of subtracting": ("E4", "lora_adapters.py", "params[name] = merged[name] - delta",
+                                            "params[name] = merged[name] + delta", "unmerge"),
+    "B initialized at random instead of A": ("E3", "lora_adapters.py", 'if name.endswith(".B"):',
+                                             'if name.endswith(".A"):', "must start at exactly 0"),
+    "merge with alpha/r under rsLoRA": ("E4", "lora_adapters.py",
+                                        'delta = lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])\n',
+                                        'delta = lora.alpha / lora.r * (adapters[name + ".B"] @ adapters[name + ".A"])\n',
+                                        "rslora"),
+    "weight decay on vectors too": ("E6", "lora_finetune.py", "if self.weight_decay and p.ndim >= 2:",
+                                    "if self.weight_decay:", "vector"),
+    "Adam without bias correction": ("E6", "lora_finetune.py", "p -= self.lr * (m / c1) / (np.sqrt(v / c2)",
+                                     "p -= self.lr * m / (np.sqrt(v)", "step 1"),
+    "embedding W[ids] = dout": ("E7", "lora_challenge.py", "np.add.at(dW, ids.reshape(-1), dout.reshape(-1, D))",
+                                "dW[ids.reshape(-1)] = dout.reshape(-1, D)", "dW"),
+    "LayerNorm without the variance term": ("E7", "lora_challenge.py",
+                                            "- xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)", "- 0.0", "dx"),
+    "counting A only": ("E5", "lora_counting.py", "return r * (d_in + d_out)", "return r * d_in", "times"),
+}  # fmt: skip
+
+
+def plant(made, tmp_path, file, old, new):
+    work = tmp_path / "student"
+    shutil.copytree(made / "solutions", work)
+    text = (work / file).read_text()
+    assert text.count(old) == 1, f"{old!r} must occur once in the solutions' {file}"
+    (work / file).write_text(text.replace(old, new))
+    return work
+
+
+def scores(results):
+    return {e: sum(r.score for r in results if r.exercise == e) for e in {r.exercise for r in results}}
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_a_planted_bug_costs_points_in_its_exercise_only(made, tmp_path, bug):
+    ex, file, old, new, word = BUGS[bug]
+    work = plant(made, tmp_path, file, old, new)
+    same_file = {e.id for e in EXERCISES if e.file == file}  # other files are never imported (test below)
+    results = grade(work, same_file)
+    got = scores(results)
+    assert got[ex] < BY_ID[ex].points, f"{bug}: not caught"
+    assert all(got[e] == BY_ID[e].points for e in same_file - {ex}), f"{bug}: cost points elsewhere: {got}"
+    hints = " ".join(r.hint for r in results if not r.passed)
+    assert word in hints, hints
+
+
+def test_grading_an_exercise_reads_its_own_file_only(made, tmp_path):
+    work = tmp_path / "student"
+    shutil.copytree(made / "solutions", work)
+    for f in FILES:
+        if f.name != "lora_counting.py":
+            (work / f.name).write_text("this is not Python (\n")
+    assert scores(grade(work, {"E5"})) == {"E5": BY_ID["E5"].points}
+
+
+# What a student's code may do that must not crash the grader: each costs its exercise only.
+CONTAINED = {
+    "prints": ("E1", "lora_layer.py", "    d_in = W.shape[1]\n", "    d_in = W.shape[1]\n    print('debug', x.shape)\n",
+               "must not print"),
+    "changes its input": ("E2", "lora_layer.py", "    return dx.reshape(x.shape), dA, dB",
+                          "    xd[...] = 0.0\n    return dx.reshape(x.shape), dA, dB", "in place"),
+    "raises": ("E4", "lora_adapters.py", "    check_adapters(merged, adapters, lora)\n",
+               "    raise RuntimeError('oops')\n", "RuntimeError: oops (line"),
+    "ends the process": ("E6", "lora_finetune.py", "    names = list(adapters)",
+                         "    import os\n    os._exit(3)", "exit code 3"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CONTAINED))
+def test_misbehaving_code_is_contained(made, tmp_path, case):
+    ex, file, old, new, word = CONTAINED[case]
+    work = plant(made, tmp_path, file, old, new)
+    same_file = {e.id for e in EXERCISES if e.file == file}
+    results = grade(work, same_file)
+    got = scores(results)
+    assert got[ex] < BY_ID[ex].points and all(got[e] == BY_ID[e].points for e in same_file - {ex}), got
+    assert word in " ".join(r.hint for r in results if not r.passed)
+
+
+def test_an_endless_loop_meets_the_time_limit_and_the_grader_goes_on(made, tmp_path):
+    work = plant(made, tmp_path, "lora_counting.py", "    return r * (d_in + d_out)", "    while True:\n        pass")
+    r = course("grade", str(work), "--only", "E5,E6", "--timeout", "8")
+    assert r.returncode == 1
+    assert "time limit of 8 s exceeded" in r.stdout and "E6 one LoRA fine-tuning step" in r.stdout
+    assert "20/20  passed" in r.stdout  # E6, graded after the loop was killed
+
+
+def test_a_syntax_error_fails_its_file_with_the_line(made, tmp_path):
+    work = plant(made, tmp_path, "lora_counting.py", "    return r * (d_in + d_out)", "    return r * (d_in + d_out")
+    results = grade(work, {"E5"})
+    assert scores(results) == {"E5": 0}
+    assert all("could not be imported: SyntaxError" in r.hint for r in results)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["grade", "nowhere"], "is not a folder"),
+        (["grade", ".", "--only", "E9"], "exercises must be among"),
+        (["grade", "."], "has no lora_adapters.py"),
+        (["grade", "HANDOUT", "--json", "HANDOUT"], "must be a file path"),
+        (["grade", "HANDOUT", "--timeout", "0"], "--timeout must be"),
+        (["make", "HANDOUT"], "never overwritten"),
+        (["nope"], "invalid choice"),
+    ],
+)
+def test_bad_command_lines_get_one_clear_line_and_exit_2(made, tmp_path, args, message):
+    args = [a.replace("HANDOUT", str(made / "handout")) for a in args]
+    r = course(*args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_make_never_overwrites_a_students_work_unless_forced(made, tmp_path):
+    work = tmp_path / "h"
+    shutil.copytree(made / "handout", work)
+    (work / "lora_layer.py").write_text("# my work\n")
+    assert course("make", str(work)).returncode == 2
+    assert (work / "lora_layer.py").read_text() == "# my work\n"
+    assert course("make", str(work), "--force").returncode == 0
+    assert (work / "lora_layer.py").read_text() == (made / "handout" / "lora_layer.py").read_text()
