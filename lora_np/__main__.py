@@ -70,14 +70,19 @@ def run_demo(argv, prog):
 
 
 def run_figures(argv, prog):
+    from .diagrams import save_diagrams
     from .figures import FIGURES, make_all
 
-    p = argparse.ArgumentParser(prog=f"{prog} figures", description="Regenerate every figure (PNG).")
+    p = argparse.ArgumentParser(
+        prog=f"{prog} figures", description="Regenerate every figure (PNG) and the LoRA layer diagrams (PNG, SVG)."
+    )
     p.add_argument("--out", default="figures", help="output folder (default figures)")
-    p.add_argument("names", nargs="*", help=f"only these figures, from: {', '.join(FIGURES)}")
+    p.add_argument("names", nargs="*", help=f"only these figures (no diagrams), from: {', '.join(FIGURES)}")
     a = p.parse_args(argv)
     try:
-        written = make_all(a.out, a.names or None)
+        written = list(make_all(a.out, a.names or None))
+        if not a.names:  # a full run also redraws the layer diagrams (a second or two)
+            written += save_diagrams(a.out)
     except ValueError as e:
         p.error(str(e))
     for name in written:

@@ -1,10 +1,11 @@
-"""`python -m lora_np figures` writes every figure, as PNG, deterministically."""
+"""`python -m lora_np figures` writes every figure, as PNG, and the layer diagrams, deterministically."""
 
 import subprocess
 import sys
 
 import pytest
 
+from lora_np.diagrams import DIAGRAMS, FORMATS
 from lora_np.figures import FIGURES, make_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -18,10 +19,14 @@ def test_figures_command_writes_every_expected_file(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(FIGURES)  # every registered figure, and no stray temporary file
+    diagrams = [f"{d}.{fmt}" for d in DIAGRAMS for fmt in FORMATS]  # lora_layer.png, lora_layer.svg, ...
+    assert written == sorted([*FIGURES, *diagrams])  # every registered figure and diagram, no stray temporary file
     for name in written:
         data = (out / name).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+        if name.endswith(".svg"):
+            assert b"<svg" in data[:1000] and len(data) > 10_000, name
+        else:
+            assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
 
 def test_a_figure_is_byte_identical_when_redrawn(tmp_path):

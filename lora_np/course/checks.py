@@ -160,10 +160,16 @@ def e1_values(student):
 
 @check("E1", 1, "float32 in, float32 out (no silent upcast)")
 def e1_float32(student):
-    for layer in (SQUARE, WIDE):
+    @drawn()
+    @given(layers_())
+    @example(WIDE)
+    def run(layer):
         out, _ = _unpack(_forward(student, layer, np.float32), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays(np.float32)
-        close("out", out, layers.lora_linear_forward(x, W, b, A, B, layer.scaling)[0], 1e-5, f" for float32 inputs{layer}")
+        want = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)[0]
+        close("out", out, want, 1e-5, f" for float32 inputs{layer}")
+
+    run()
 
 
 @check("E1", 1, "B = 0 gives the frozen layer W0·x + b exactly (the zero-init property)")
@@ -284,13 +290,19 @@ def e2_fd_dropout(student):
     run()
 
 
-@check("E2", 3, "agrees with the reference in float32 and float64, dtype kept")
+@check("E2", 3, "agrees with the reference in float32 and float64, dropout on and off, dtype kept")
 def e2_reference(student):
-    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-5)):
-        for layer in (SQUARE, WIDE, TALL):
-            got, _, forward, dout = _backward(student, layer, dtype)
-            for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, forward()[1])):
-                close(name, g, w, tol, f" in {np.dtype(dtype).name}{layer}")
+    @drawn()
+    @given(layers_(), st.sampled_from([np.float64, np.float32]), st.sampled_from([0.0, 0.5]))
+    @example(SQUARE, np.float32, 0.0)
+    @example(WIDE, np.float64, 0.5)
+    def run(layer, dtype, p):
+        got, _, forward, dout = _backward(student, layer, dtype, dropout=p)
+        tol = 1e-10 if dtype == np.float64 else 1e-5
+        for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, forward()[1])):
+            close(name, g, w, tol, f" in {np.dtype(dtype).name}, dropout {p}{layer}")
+
+    run()
 
 
 @check("E2", 4, "need_dA / need_dB: a frozen factor's gradient is None and never formed")
