@@ -11,13 +11,19 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from lora_np.course.checks import CHECKS
 from lora_np.course.exercises import BY_ID, EXERCISES, FILES, TOTAL_POINTS
 from lora_np.course.grade import grade
 from lora_np.course.make import BEGIN, END, strip_solutions
+from lora_np.course.notebooks import NOTEBOOKS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def course(*args, cwd=None):
@@ -84,7 +90,7 @@ def test_the_handout_is_the_solutions_with_every_region_stubbed(made):
         sol, hand = json.loads(nb.read_text()), json.loads((made / "handout" / nb.name).read_text())
         assert len(sol["cells"]) == len(hand["cells"])
         marked = 0
-        for s, h in zip(sol["cells"], hand["cells"]):
+        for s, h in zip(sol["cells"], hand["cells"], strict=True):
             if BEGIN in s["source"]:
                 marked += 1
                 assert s["metadata"]["nbgrader"]["solution"] is True  # nbgrader can make the handout itself
@@ -122,7 +128,8 @@ BUGS = {
                                              'if name.endswith(".A"):', "must start at exactly 0"),
     "merge with alpha/r under rsLoRA": ("E4", "lora_adapters.py",
                                         'delta = lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])\n',
-                                        'delta = lora.alpha / lora.r * (adapters[name + ".B"] @ adapters[name + ".A"])\n',
+                                        'delta = lora.alpha / lora.r * (adapters[name + ".B"]\n'
+                                        '            @ adapters[name + ".A"])\n',
                                         "rslora"),
     "weight decay on vectors too": ("E6", "lora_finetune.py", "if self.weight_decay and p.ndim >= 2:",
                                     "if self.weight_decay:", "vector"),
@@ -197,9 +204,9 @@ def test_misbehaving_code_is_contained(made, tmp_path, case):
 
 def test_an_endless_loop_meets_the_time_limit_and_the_grader_goes_on(made, tmp_path):
     work = plant(made, tmp_path, "lora_counting.py", "    return r * (d_in + d_out)", "    while True:\n        pass")
-    r = course("grade", str(work), "--only", "E5,E6", "--timeout", "8")
+    r = course("grade", str(work), "--only", "E5,E6", "--timeout", "5")
     assert r.returncode == 1
-    assert "time limit of 8 s exceeded" in r.stdout and "E6 one LoRA fine-tuning step" in r.stdout
+    assert "time limit of 5 s exceeded" in r.stdout and "E6 one LoRA fine-tuning step" in r.stdout
     assert "20/20  passed" in r.stdout  # E6, graded after the loop was killed
 
 
@@ -236,3 +243,16 @@ def test_make_never_overwrites_a_students_work_unless_forced(made, tmp_path):
     assert (work / "lora_layer.py").read_text() == "# my work\n"
     assert course("make", str(work), "--force").returncode == 0
     assert (work / "lora_layer.py").read_text() == (made / "handout" / "lora_layer.py").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_the_solutions_notebooks_run_top_to_bottom(made, name):
+    """Each exercise notebook, solved, runs in its folder as a student runs it (its asserts included)."""
+    nb = nbformat.reads((made / "solutions" / name).read_text(), as_version=4)
+    where = {"metadata": {"path": str(made / "solutions")}}  # the kernel's working folder
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources=where).execute()
+
+
+def test_the_readme_counts_the_exercises():
+    words = {5: "Five", 6: "Six", 7: "Seven", 8: "Eight", 9: "Nine"}
+    assert f"{words[len(EXERCISES)]} exercises" in README.read_text(encoding="utf-8")

@@ -28,8 +28,7 @@ from ..counting import block_shapes, count_arrays
 from ..gradcheck import numerical_vjp, rel_error
 from ..model import model_backward, model_forward
 from ..params import Params, init_params
-from .exercises import BY_ID
-from .student import Failure, formed, spying, Spy
+from .student import Failure, Spy, formed, spying
 
 CHECKS = {}  # exercise id -> [(check id, title, points, function)]
 
@@ -118,7 +117,9 @@ def layers_(draw):
 
 
 # Always among the examples: square, non-square both ways, r = 1.
-SQUARE, WIDE, TALL = Layer((2, 3), 4, 4, 2, 2.0, True, 1), Layer((3,), 5, 3, 1, 0.5, True, 2), Layer((4,), 2, 5, 1, 2.0, False, 3)
+SQUARE = Layer((2, 3), 4, 4, 2, 2.0, True, 1)
+WIDE = Layer((3,), 5, 3, 1, 0.5, True, 2)
+TALL = Layer((4,), 2, 5, 1, 2.0, False, 3)
 DISTINCT = Layer((5,), 7, 6, 2, 2.0, True, 4)  # N, d_in, d_out, r all different, so a shape tells a product apart
 
 
@@ -230,7 +231,7 @@ def e1_cache(student):
             except Exception as e:
                 raise Failure(f"lora_linear_backward cannot read your cache ({type(e).__name__}: {e}); keep the "
                               f"documented layout (x, W, xd, mask, xA, A, B, scaling){layer}") from None  # fmt: skip
-            for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, mine)):
+            for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, mine), strict=True):
                 close(name, g, w, 1e-10, f" from your cache, dropout {p}: the cache must hold (x, W, xd, mask, xA, "
                       f"A, B, scaling) as documented{layer}")  # fmt: skip
 
@@ -260,7 +261,7 @@ def _backward(student, layer, dtype=np.float64, dropout=0.0, **flags):
 def _finite_differences(student, layer, dropout):
     (dx, dA, dB), inputs, forward, dout = _backward(student, layer, dropout=dropout)
     where = f", dropout {dropout}{layer}"
-    for name, got, arr in zip(("dx", "dA", "dB"), (dx, dA, dB), inputs):
+    for name, got, arr in zip(("dx", "dA", "dB"), (dx, dA, dB), inputs, strict=True):
         num = numerical_vjp(lambda: forward()[0], arr, dout)
         close(name, got, num, 1e-7, f" against finite differences of the forward{where}")
 
@@ -299,7 +300,8 @@ def e2_reference(student):
     def run(layer, dtype, p):
         got, _, forward, dout = _backward(student, layer, dtype, dropout=p)
         tol = 1e-10 if dtype == np.float64 else 1e-5
-        for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, forward()[1])):
+        want = layers.lora_linear_backward(dout, forward()[1])
+        for name, g, w in zip(("dx", "dA", "dB"), got, want, strict=True):
             close(name, g, w, tol, f" in {np.dtype(dtype).name}, dropout {p}{layer}")
 
     run()
@@ -318,7 +320,7 @@ def e2_frozen(student):
             got = student.fn("lora_linear_backward")(dout.view(Spy), spied, need_dA=need_dA, need_dB=need_dB)
         got = _unpack(got, "lora_linear_backward", 3)
         flags = f" with need_dA={need_dA}, need_dB={need_dB}"
-        for name, need, g, w in zip(("dx", "dA", "dB"), (True, need_dA, need_dB), got, want):
+        for name, need, g, w in zip(("dx", "dA", "dB"), (True, need_dA, need_dB), got, want, strict=True):
             if not need:
                 if g is not None:
                     raise Failure(f"{name} must be None{flags}: that factor is frozen")
@@ -326,7 +328,8 @@ def e2_frozen(student):
                     raise Failure(f"{name} was computed{flags} (a product of its shape {shape_of[name]} was "
                                   f"formed): a frozen gradient must not be formed at all{L}")  # fmt: skip
             else:
-                close(name, np.asarray(g).view(np.ndarray) if isinstance(g, np.ndarray) else g, w, 1e-10, flags + str(L))
+                g = g.view(np.ndarray) if isinstance(g, np.ndarray) else g  # a Spy compares as an array
+                close(name, g, w, 1e-10, flags + str(L))
 
 
 @check("E2", 3, "no d_out × d_in product (B·A, or W0's gradient g·xᵀ) is formed")
@@ -702,7 +705,7 @@ def e7_ln_fd(student):
     @example(((2, 3), 4, 0))
     def run(case):
         got, inputs, dout = _ln(student, *case)
-        for name, g, arr in zip(("dx", "dgamma", "dbeta"), got, inputs):
+        for name, g, arr in zip(("dx", "dgamma", "dbeta"), got, inputs, strict=True):
             num = numerical_vjp(lambda: layers.layernorm_forward(*inputs)[0], arr, dout)
             close(name, g, num, 1e-7, f" against finite differences, x {(*case[0], case[1])}")
 
@@ -713,7 +716,7 @@ def e7_ln_fd(student):
 def e7_ln_ref(student):
     got, (x, gamma, beta), dout = _ln(student, (2, 3), 5, 1, np.float32)
     want = layers.layernorm_backward(dout, layers.layernorm_forward(x, gamma, beta)[1])
-    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
         close(name, g, w, 1e-5, " in float32")
     for flags in ({"need_dgamma": False}, {"need_dbeta": False}):
         got, _, _ = _ln(student, (2, 3), 5, 1, **flags)
@@ -743,7 +746,7 @@ def e7_att_fd(student):
     def run(case):
         Bsz, T, H, hs, _ = case
         got, inputs, dy = _att(student, *case)
-        for name, g, arr in zip(("dq", "dk", "dv"), got, inputs):
+        for name, g, arr in zip(("dq", "dk", "dv"), got, inputs, strict=True):
             num = numerical_vjp(lambda: layers.attention_forward(*inputs, H)[0], arr, dy)
             close(name, g, num, 1e-7, f" against finite differences, (B, T, D) = {(Bsz, T, H * hs)}, {H} heads")
 
@@ -753,7 +756,8 @@ def e7_att_fd(student):
 @check("E7", 2, "attention_backward in float32 as the reference")
 def e7_att_ref(student):
     got, (q, k, v), dy = _att(student, 2, 4, 2, 3, 1, np.float32)
-    for name, g, w in zip(("dq", "dk", "dv"), got, layers.attention_backward(dy, layers.attention_forward(q, k, v, 2)[1])):
+    want = layers.attention_backward(dy, layers.attention_forward(q, k, v, 2)[1])
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         close(name, g, w, 1e-5, " in float32, (B, T, D) = (2, 4, 6), 2 heads")
 
 

@@ -146,8 +146,8 @@ def main(argv, prog="python -m lora_np course grade"):
     p.add_argument("--json", default=None, help="also write the results here, in Gradescope's results.json format")
     a = p.parse_args(argv)
     if importlib.util.find_spec("hypothesis") is None:
-        p.error("grading draws its test cases with hypothesis, which is not installed: "
-                "python -m pip install 'lora-np[course]' (from a clone: python -m pip install -e '.[course]')")  # fmt: skip
+        p.error("grading draws its test cases with hypothesis, which is not installed: python -m pip install "
+                "'lora-np[course]' (from a clone: python -m pip install -e '.[course]')")  # fmt: skip
     try:  # every argument checked before any student code runs
         only = _check_ids([s.strip() for s in a.only.split(",") if s.strip()]) if a.only else None
         if not os.path.isdir(a.dir):

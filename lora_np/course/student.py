@@ -53,7 +53,7 @@ def _changed(before, after, path):
     if isinstance(before, list):
         if len(before) != len(after):
             return path
-        for i, (b, a) in enumerate(zip(before, after)):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
             p = _changed(b, a, f"{path}[{i}]")
             if p:
                 return p

@@ -38,7 +38,7 @@ def main(argv):
         line = getattr(e, "lineno", None) or (tb[-1].lineno if tb else "?")
         problem = f"{ex.file} could not be imported: {type(e).__name__} at line {line}: {str(e)[:200]}"
     with open(results, "a", encoding="utf-8") as out:
-        for check_id, title, points, fn in CHECKS[ex_id]:
+        for check_id, _, _, fn in CHECKS[ex_id]:
             hint = problem
             if hint is None:
                 try:
