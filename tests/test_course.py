@@ -8,6 +8,7 @@ there.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,8 @@ BUGS = {
                                         "rslora"),
     "weight decay on vectors too": ("E6", "lora_finetune.py", "if self.weight_decay and p.ndim >= 2:",
                                     "if self.weight_decay:", "vector"),
+    "AdamW rebinds instead of updating in place": ("E6", "lora_finetune.py", "p -= self.lr * (m / c1)",
+                                                   "self.arrays[name] = p - self.lr * (m / c1)", "in place"),
     "Adam without bias correction": ("E6", "lora_finetune.py", "p -= self.lr * (m / c1) / (np.sqrt(v / c2)",
                                      "p -= self.lr * m / (np.sqrt(v)", "step 1"),
     "embedding W[ids] = dout": ("E7", "lora_challenge.py", "np.add.at(dW, ids.reshape(-1), dout.reshape(-1, D))",
@@ -210,6 +213,28 @@ def test_an_endless_loop_meets_the_time_limit_and_the_grader_goes_on(made, tmp_p
     assert "20/20  passed" in r.stdout  # E6, graded after the loop was killed
 
 
+def test_the_reference_imported_is_not_a_solution(made, tmp_path):
+    work = tmp_path / "student"
+    shutil.copytree(made / "handout", work)
+    (work / "lora_layer.py").write_text("from lora_np.layers import lora_linear_backward, lora_linear_forward\n")
+    results = grade(work, {"E1", "E2"})
+    assert scores(results) == {"E1": 0, "E2": 0}
+    assert all("comes from lora_np.layers, not from lora_layer.py" in r.hint for r in results)
+
+
+def test_a_missing_file_fails_its_exercises_and_the_rest_is_graded(made, tmp_path):
+    work = tmp_path / "student"
+    shutil.copytree(made / "solutions", work)
+    (work / "lora_adapters.py").unlink()
+    out = tmp_path / "results.json"
+    r = course("grade", str(work), "--only", "E3,E4,E5", "--json", str(out))
+    assert r.returncode == 1
+    doc = json.loads(out.read_text())
+    validate_gradescope(doc)
+    assert doc["score"] == BY_ID["E5"].points
+    assert all("lora_adapters.py is missing" in t["output"] for t in doc["tests"] if t["number"][:2] in ("E3", "E4"))
+
+
 def test_a_syntax_error_fails_its_file_with_the_line(made, tmp_path):
     work = plant(made, tmp_path, "lora_counting.py", "    return r * (d_in + d_out)", "    return r * (d_in + d_out")
     results = grade(work, {"E5"})
@@ -222,7 +247,7 @@ def test_a_syntax_error_fails_its_file_with_the_line(made, tmp_path):
     [
         (["grade", "nowhere"], "is not a folder"),
         (["grade", ".", "--only", "E9"], "exercises must be among"),
-        (["grade", "."], "has no lora_adapters.py"),
+        (["grade", "."], "has none of lora_adapters.py"),
         (["grade", "HANDOUT", "--json", "HANDOUT"], "must be a file path"),
         (["grade", "HANDOUT", "--timeout", "0"], "--timeout must be"),
         (["make", "HANDOUT"], "never overwritten"),
@@ -256,3 +281,13 @@ def test_the_solutions_notebooks_run_top_to_bottom(made, name):
 def test_the_readme_counts_the_exercises():
     words = {5: "Five", 6: "Six", 7: "Seven", 8: "Eight", 9: "Nine"}
     assert f"{words[len(EXERCISES)]} exercises" in README.read_text(encoding="utf-8")
+
+
+def test_the_guide_quotes_the_graders_points():
+    """notebooks/COURSE.md lists every check and exercise with its points: they must be the grader's."""
+    guide = (README.parent / "notebooks" / "COURSE.md").read_text(encoding="utf-8")
+    checks = dict(re.findall(r"^\| (E\d\.\d) \| .* \| (\d+) \|$", guide, flags=re.M))
+    assert checks == {cid: str(points) for ex in CHECKS.values() for cid, _, points, _ in ex}
+    rows = re.findall(r"^\| (E\d)(?: \(challenge\))? \| `(\w+\.py)` \| .* \| (\d+) \| .* \|$", guide, flags=re.M)
+    assert rows == [(e.id, e.file, str(e.points)) for e in EXERCISES]
+    assert f"| | | | **{TOTAL_POINTS}** | |" in guide

@@ -627,6 +627,7 @@ def e6_adamw(student):
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
         for wd in (0.0, 0.1):
             mine, theirs = _adam_arrays(dtype), _adam_arrays(dtype)
+            trained = dict(theirs)  # the very arrays: a model holds them, so the step must update them in place
             try:
                 opt = AdamW(theirs, lr=0.01, betas=(0.8, 0.99), weight_decay=wd)
             except Exception as e:
@@ -638,6 +639,9 @@ def e6_adamw(student):
                 ref_opt.step(grads)
                 student.call("AdamW.step", opt.step, (grads,), {})
                 for name in mine:
+                    if theirs[name] is not trained[name]:
+                        raise Failure(f"AdamW.step replaced the array {name!r} by a new one; the model holds the "
+                                      f"old one, which never moved: update each array in place (p -= ...)")  # fmt: skip
                     kind = "a matrix (decays)" if mine[name].ndim >= 2 else "a vector (never decays)"
                     close(name, theirs[name], mine[name], tol, f", {kind}, after step {t}, weight_decay {wd}, "
                           f"{np.dtype(dtype).name}")  # fmt: skip

@@ -70,13 +70,20 @@ class Student:
         f = getattr(self.module, name, None)
         if not callable(f):
             raise Failure(f"{self.file} defines no function {name}; keep the name and signature of the handout")
+        self._own(name, f)
         return lambda *args, **kwargs: self.call(name, f, args, kwargs)
 
     def cls(self, name):
         c = getattr(self.module, name, None)
         if not isinstance(c, type):
             raise Failure(f"{self.file} defines no class {name}; keep the class of the handout")
+        self._own(name, c)
         return c
+
+    def _own(self, name, obj):
+        """Refuse the reference itself: an exercise imported from lora_np (or anywhere) is not written."""
+        if getattr(obj, "__module__", None) != self.module.__name__:
+            raise Failure(f"{name} in {self.file} comes from {obj.__module__}, not from {self.file}: write it there")
 
     def call(self, name, f, args, kwargs):
         try:

@@ -31,8 +31,12 @@ def main(argv):
 
     ex = BY_ID[ex_id]
     try:
+        if not os.path.isfile(os.path.join(directory, ex.file)):
+            raise FileNotFoundError(f"{ex.file} is missing")
         student = Student(*load(directory, ex.file))
         problem = None
+    except FileNotFoundError as e:
+        problem = f"{e}: submit every file of the handout"
     except BaseException as e:  # a SyntaxError, an exception or sys.exit() at import time
         tb = [fr for fr in traceback.extract_tb(e.__traceback__) if os.path.basename(fr.filename) == ex.file]
         line = getattr(e, "lineno", None) or (tb[-1].lineno if tb else "?")
