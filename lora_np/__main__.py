@@ -1,4 +1,4 @@
-"""python -m lora_np [demo flags] | figures | check | bench | experiments | course
+"""python -m lora_np [demo flags] | figures | check | bench | experiments | course | gpt2
 
 - `python -m lora_np`: pretrain, then full fine-tuning against LoRA (the demo);
   `python -m lora_np --help` lists its flags, e.g. `--rank 8 --targets W_q,W_k,W_v,W_o`
@@ -7,6 +7,7 @@
 - `python -m lora_np bench`: LoRA's cost model, measured (time, flops, memory)
 - `python -m lora_np experiments`: rerun the Section 7 experiments behind notebook 05
 - `python -m lora_np course make DIR [--solutions]` / `course grade DIR`: the homework and its autograder
+- `python -m lora_np gpt2 --weights DIR --data FILE.txt`: LoRA on GPT-2's published weights
 """
 
 import argparse
@@ -129,6 +130,12 @@ def run_experiments(argv, prog):
     return experiments_main(argv)
 
 
+def run_gpt2(argv, prog):
+    from .gpt2_finetune import main as gpt2_main
+
+    return gpt2_main(argv, f"{prog} gpt2")
+
+
 def run_course(argv, prog):
     from .course import main as course_main
 
@@ -139,7 +146,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "python -m lora_np"
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
-                "course": run_course}
+                "course": run_course, "gpt2": run_gpt2}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":
