@@ -26,6 +26,8 @@ def demo_parser(prog):
         prog=prog,
         description="Pretrain a tiny GPT on plain word order, then fine-tune it on Yoda's word order "
         "two ways (every weight, and LoRA) from the same weights and batches, and compare.",
+        epilog="other commands (each with its own --help): figures, check, bench, experiments, "
+        "course make|grade, gpt2 (LoRA on GPT-2's published weights), gpt2 bench",
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"fine-tuning steps for each method (default {d.steps})")
     p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,

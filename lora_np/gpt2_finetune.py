@@ -149,6 +149,10 @@ def run(a, log=print):
 
 
 def main(argv, prog="python -m lora_np gpt2"):
+    if argv[:1] == ["bench"]:
+        from .bench_gpt2 import main as bench_main
+
+        return bench_main(argv[1:], f"{prog} bench")
     p = parser(prog)
     a = p.parse_args(argv)
     try:

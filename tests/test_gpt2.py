@@ -320,3 +320,16 @@ def test_the_gpt2_command_refuses_bad_arguments_before_any_work(tmp_path, args, 
     r = subprocess.run([sys.executable, "-m", "lora_np", "gpt2", *args], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)  # fmt: skip
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_gpt2_help_and_the_quick_bench(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lora_np", "gpt2", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--weights" in r.stdout and "--data" in r.stdout
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "lora_np", "gpt2", "bench", "--quick", "--reps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["quick"] and res["load"]["checksum"] != 0 and res["lora"]["optimizer_state_bytes"] > 0
+    # the LoRA step's flops, from the shapes: fewer than full fine-tuning's (no dW of a frozen weight)
+    assert 0 < res["lora"]["flops"] < res["full"]["flops"]
