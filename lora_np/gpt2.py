@@ -1,8 +1,9 @@
 """GPT-2's published weights in lora_np's model: load_gpt2 and its inverse, save_gpt2.
 
-lora_np's tiny GPT already has GPT-2's architecture (Radford et al. 2019, Section 2.3: pre-LN
-blocks, a final LayerNorm, learned positions, biases on every projection, the tanh GELU,
-LayerNorm eps 1e-5), so the published checkpoint is a renaming of arrays, not a new model.
+lora_np's tiny GPT already has GPT-2's architecture (Radford et al. 2019, Section 2.3: LayerNorm
+at the input of each sub-block and after the last one; the released code, model.py: learned
+positions, biases on every projection, the tanh GELU, LayerNorm eps 1e-5), so the published
+checkpoint is a renaming of arrays, not a new model.
 A folder laid out as GPT-2 is published on the Hugging Face hub holds
 
     config.json          n_layer, n_embd, n_head, n_positions, vocab_size, activation, eps, ...
@@ -27,8 +28,9 @@ and the names map as follows. GPT-2 stores its projections as Conv1D modules, wh
 Loading maps the file: every weight of a float32 checkpoint is a read-only view into it
 (transposes and column blocks are views too), so loading 124M parameters costs no copy.
 That suits LoRA, which never writes a base weight. Full fine-tuning writes every weight and
-has no tie in lora_np's model: `untie` gives it W_u as a separate copy of W_e, trained as
-its own matrix, and save_gpt2 then writes it as lm_head.weight with the tie turned off.
+has no tie in lora_np's model: `untie` gives it writable copies of every array, W_u a copy of
+W_e of its own, trained as its own matrix; save_gpt2 then writes it as lm_head.weight with the
+tie turned off.
 
 Dimension legend: V vocabulary, D model width, M MLP width (n_inner, 4·D by default), L layers.
 """
@@ -224,12 +226,10 @@ def load_gpt2(path):
 
 
 def untie(params):
-    """A Params whose W_u is its own copy of W_e, writable, for full fine-tuning (lora_np's model
-    trains W_u and W_e as two matrices; GPT-2 ties them). Every other array is shared."""
+    """Writable copies of every array, for full fine-tuning: W_u becomes its own copy of W_e (lora_np's
+    model trains W_u and W_e as two matrices; GPT-2 ties them). Costs a copy of the whole model."""
     check_params(params)
-    out = params.copy()
-    out["W_u"] = np.array(params["W_u"])  # a copy: writable, and no longer the same array as W_e
-    return out
+    return Params(params.config, {name: np.array(a) for name, a in params.items()})  # np.array copies
 
 
 def save_gpt2(params, path, tokenizer=None):

@@ -23,10 +23,13 @@ its outputs. "q and v only" becomes a block structure on the fused projection; P
 "rows 0:D and 2D:3D of c_attn" any other way. lora_alpha is chosen so that PEFT's scaling
 equals lora_np's s: α' = s·r' (α' = s·√r' with rsLoRA).
 
-Import goes the other way, exactly: a c_attn adapter of rank r' is three adapters on W_q, W_k,
-W_v sharing A = A', with B_q, B_k, B_v the three row blocks of B' and the same r' and α':
-s·B_q·A is rows 0:D of s·B'·A', and so on. (An imported adapter that was exported from q and v
-has a zero B_k; it adapts W_k by exactly nothing.)
+Import goes the other way, exactly: a c_attn adapter of rank r' is adapters on W_q, W_k, W_v
+sharing A = A', with B_q, B_k, B_v the three row blocks of B' and the same r' and α':
+s·B_q·A is rows 0:D of s·B'·A', and so on. A block of B' that is zero in every layer adapts its
+matrix by exactly nothing, so its target is left out (an adapter exported from q and v comes
+back on q and v, and further training leaves W_k alone). Adapters whose targets share one A in
+every layer, as imported ones do, export at their own rank r, with B' the B's stacked, instead
+of n·r: a round trip does not grow the rank.
 
 Dimension legend: D model width, r lora_np's rank, r' PEFT's rank, L layers.
 """
@@ -70,15 +73,22 @@ def export_peft(adapters, lora, cfg, path, base_model="gpt2"):
         raise ValueError(f"adapters do not fit {cfg} and {lora}: expected names and shapes {list(expected)[:2]}...")
     D, r = cfg.d_model, lora.r
     targets = [t for t in QKV if t in lora.targets]  # in c_attn's order, whatever the order of lora.targets
-    r_peft = r * len(targets)
+    layers = range(cfg.n_layers)
+    shared = all(np.array_equal(adapters[f"blocks.{l}.{t}.A"], adapters[f"blocks.{l}.{targets[0]}.A"])
+                 for l in layers for t in targets)  # fmt: skip
+    r_peft = r if shared else r * len(targets)
     arrays = {}
-    for l in range(cfg.n_layers):
+    for l in layers:
         dtype = adapters[f"blocks.{l}.{targets[0]}.A"].dtype
-        A = np.concatenate([adapters[f"blocks.{l}.{t}.A"] for t in targets])  # (r', D): the A's stacked
+        if shared:  # one A for all: B'·A = [B_q·A; B_k·A; B_v·A]
+            A = adapters[f"blocks.{l}.{targets[0]}.A"]  # (r, D)
+        else:
+            A = np.concatenate([adapters[f"blocks.{l}.{t}.A"] for t in targets])  # (r', D): the A's stacked
         B = np.zeros((3 * D, r_peft), dtype=dtype)  # (3D, r')
         for j, t in enumerate(targets):
             i = QKV.index(t)
-            B[i * D : (i + 1) * D, j * r : (j + 1) * r] = adapters[f"blocks.{l}.{t}.B"]  # its output block
+            cols = slice(0, r) if shared else slice(j * r, (j + 1) * r)
+            B[i * D : (i + 1) * D, cols] = adapters[f"blocks.{l}.{t}.B"]  # its output block
         arrays[KEY.format(l=l, f="A")], arrays[KEY.format(l=l, f="B")] = A, B
     # PEFT's scaling is α'/r' (α'/√r' with rsLoRA): choose α' so that it is lora_np's s
     alpha = lora.scaling * (math.sqrt(r_peft) if lora.rslora else r_peft)
@@ -91,14 +101,15 @@ def export_peft(adapters, lora, cfg, path, base_model="gpt2"):
         "use_dora": False,
     }  # fmt: skip
     path = Path(path)
-    path.mkdir(exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / "adapter_model.safetensors", arrays, {"format": "pt"})
     write_atomic(path / "adapter_config.json", lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))
     return path
 
 
 # What an imported adapter_config.json must say for the adapter to mean what lora_np computes.
-MUST_BE = {"peft_type": "LORA", "fan_in_fan_out": True, "bias": "none", "use_dora": False,
+# (fan_in_fan_out may say false: PEFT sets it true for a Conv1D such as c_attn whatever it says.)
+MUST_BE = {"peft_type": "LORA", "bias": "none", "use_dora": False,
            "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
 
 
@@ -110,8 +121,9 @@ def import_peft(path, cfg):
     - cfg: the ModelConfig of the GPT-2 it adapts
 
     Returns:
-    - adapters: dict name -> array (as stored, float32 for a float32 model), for targets (W_q, W_k, W_v)
-    - lora: LoraConfig(r=r', alpha=α', targets=("W_q", "W_k", "W_v"), rslora=use_rslora)
+    - adapters: dict name -> array (as stored, float32 for a float32 model), on W_q, W_k, W_v
+      but those whose block of B' is zero in every layer
+    - lora: LoraConfig(r=r', alpha=α', targets=those, rslora=use_rslora)
     """
     path = Path(path)
     try:
@@ -131,11 +143,6 @@ def import_peft(path, cfg):
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and alpha > 0):
         raise CheckpointError(f"{file}: r must be an int >= 1 and lora_alpha a number > 0, got {r!r}, {alpha!r}")
-    try:
-        lora = LoraConfig(r=r, alpha=float(alpha), targets=QKV, rslora=bool(config.get("use_rslora", False)),
-                          dropout=float(config.get("lora_dropout", 0.0) or 0.0))  # fmt: skip
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
     weights_file = path / "adapter_model.safetensors"
     arrays, _ = read_safetensors(weights_file)
     D = cfg.d_model
@@ -147,10 +154,20 @@ def import_peft(path, cfg):
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise CheckpointError(f"{weights_file}: {name} has shape {arrays[name].shape}, expected {shape}")
+    def block(l, i):  # (D, r'): the rows of B' that write c_attn's i-th output, q, k or v
+        return arrays[KEY.format(l=l, f="B")][i * D : (i + 1) * D]
+
+    used = [t for i, t in enumerate(QKV) if any(np.any(block(l, i)) for l in range(cfg.n_layers))]
+    try:
+        lora = LoraConfig(r=r, alpha=float(alpha), targets=tuple(used or QKV),  # all zero (untrained): all three
+                          rslora=bool(config.get("use_rslora", False)),
+                          dropout=float(config.get("lora_dropout", 0.0) or 0.0))  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
     adapters = {}
     for l in range(cfg.n_layers):
-        A, B = arrays[KEY.format(l=l, f="A")], arrays[KEY.format(l=l, f="B")]  # (r', D), (3D, r')
         for i, t in enumerate(QKV):
-            adapters[f"blocks.{l}.{t}.A"] = np.array(A)  # each its own copy: a trainer updates them apart
-            adapters[f"blocks.{l}.{t}.B"] = np.array(B[i * D : (i + 1) * D])  # (D, r'): t's output rows
+            if t in lora.targets:
+                adapters[f"blocks.{l}.{t}.A"] = np.array(arrays[KEY.format(l=l, f="A")])  # each its own copy
+                adapters[f"blocks.{l}.{t}.B"] = np.array(block(l, i))
     return adapters, lora

@@ -274,6 +274,24 @@ def test_peft_export_then_import_keeps_the_adapted_logits(tmp_path):
                                model_forward(params, IDS, adapters, lora)[0], rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
+def test_peft_import_keeps_only_adapted_blocks_and_a_round_trip_keeps_the_rank(tmp_path):
+    params, _ = load_gpt2(checkpoint(tmp_path / "m", published(np.random.default_rng(8))))
+    lora = LoraConfig(r=2, alpha=4.0, targets=("W_q", "W_v"))
+    adapters = trained(params.config, lora, 3)
+    export_peft(adapters, lora, params.config, tmp_path / "p1")
+    back, lora_back = import_peft(tmp_path / "p1", params.config)
+    assert lora_back.targets == ("W_q", "W_v") and lora_back.r == 4  # B_k was zero: W_k is left alone
+    export_peft(back, lora_back, params.config, tmp_path / "p2")  # the A's are shared: rank 4 again, not 8
+    assert json.loads((tmp_path / "p2" / "adapter_config.json").read_text())["r"] == 4
+    again, lora_again = import_peft(tmp_path / "p2", params.config)
+    np.testing.assert_allclose(model_forward(params, IDS, again, lora_again)[0],
+                               model_forward(params, IDS, adapters, lora)[0], rtol=1e-12, atol=1e-12)  # fmt: skip
+    # PEFT turns fan_in_fan_out on for a Conv1D whatever the file says; so does the import
+    cfg = json.loads((tmp_path / "p2" / "adapter_config.json").read_text())
+    (tmp_path / "p2" / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": False}))
+    assert import_peft(tmp_path / "p2", params.config)[1] == lora_again
+
+
 def test_peft_export_refuses_what_c_attn_cannot_hold(tmp_path):
     params, _ = load_gpt2(checkpoint(tmp_path / "m", published(np.random.default_rng(8))))
     lora = LoraConfig(r=2, targets=("W_q", "W_o"))
