@@ -74,7 +74,8 @@ def _load_probe(path):
     total = float(sum(float(a.sum(dtype=np.float64)) for a in params.values()))  # every page of the file, once
     t2 = time.perf_counter()
     print(json.dumps({"seconds": t1 - t0, "read_every_weight_seconds": t2 - t1, "rss_before": rss0,
-                      "rss_loaded": rss_loaded, "rss_after_reading_every_weight": _rss(), "checksum": total}))  # fmt: skip
+                      "rss_loaded": rss_loaded, "rss_after_reading_every_weight": _rss(),
+                      "checksum": total}))  # fmt: skip
 
 
 def run(reps=3, quick=False, log=print):
@@ -92,16 +93,19 @@ def run(reps=3, quick=False, log=print):
         del params
         file_bytes = (Path(tmp) / "model.safetensors").stat().st_size
         log(f"wrote {'tiny' if quick else 'GPT-2 124M'} shapes, random weights: {file_bytes / 1e6:.1f} MB")
-        probe = subprocess.run([sys.executable, "-c", f"from lora_np.bench_gpt2 import _load_probe; _load_probe({tmp!r})"],
+        code = f"from lora_np.bench_gpt2 import _load_probe; _load_probe({tmp!r})"  # a fresh process
+        probe = subprocess.run([sys.executable, "-c", code],
                                capture_output=True, text=True, check=True)  # fmt: skip
         load = json.loads(probe.stdout)
         load["file_bytes"] = file_bytes
         load["rss_growth_over_file"] = (load["rss_after_reading_every_weight"] - load["rss_before"]) / file_bytes
         result["load"] = load
-        log(f"load: {load['seconds']:.3f} s (the file is mapped, not read), then {load['read_every_weight_seconds']:.2f} s "
-            f"to read every weight once; resident memory +{(load['rss_loaded'] - load['rss_before']) / 1e6:.0f} MB "
-            f"after loading, +{(load['rss_after_reading_every_weight'] - load['rss_before']) / 1e6:.0f} MB after reading "
-            f"every weight ({load['rss_growth_over_file']:.2f}x the file)")  # fmt: skip
+        grown = load["rss_loaded"] - load["rss_before"]
+        read = load["rss_after_reading_every_weight"] - load["rss_before"]
+        log(f"load: {load['seconds']:.3f} s (the file is mapped, not read), then "
+            f"{load['read_every_weight_seconds']:.2f} s to read every weight once; resident memory "
+            f"+{grown / 1e6:.0f} MB after loading, +{read / 1e6:.0f} MB after reading every weight "
+            f"({load['rss_growth_over_file']:.2f}x the file)")  # fmt: skip
 
         base, _ = load_gpt2(tmp)
         rng = np.random.default_rng(0)
@@ -130,7 +134,8 @@ def run(reps=3, quick=False, log=print):
             t = times[v]
             result[v] = {**t, "flops": flops, "gflops_per_s": flops / t["median_s"] / 1e9,
                          "share_of_matmul": flops / t["median_s"] / 1e9 / square,
-                         "peak_bytes": peak_bytes(steps[v]), "optimizer_state_bytes": opts[v].state_bytes()}  # fmt: skip
+                         "peak_bytes": peak_bytes(steps[v]),
+                         "optimizer_state_bytes": opts[v].state_bytes()}  # fmt: skip
         result["matmul_square_gflops"] = square
     result["lora_over_full_step_time"] = result["lora"]["median_s"] / result["full"]["median_s"]
     return result
@@ -141,9 +146,11 @@ def table(r):
     lines = [f"{shapes}, float32, B = {r['batch']}, T = {r['T']}; matmul {r['matmul_square_gflops']:.0f} "
              f"GFLOP/s, threads {r['threads']['OPENBLAS_NUM_THREADS']}",  # fmt: skip
              f"load: {r['load']['seconds']:.3f} s to map, {r['load']['read_every_weight_seconds']:.2f} s to read every "
-             f"weight once; resident {r['load']['rss_growth_over_file']:.2f}x the {r['load']['file_bytes'] / 1e6:.0f} MB "
+             f"weight once; resident {r['load']['rss_growth_over_file']:.2f}x the "
+             f"{r['load']['file_bytes'] / 1e6:.0f} MB "
              f"file after reading every weight", "",
-             f"{'step':<22}{'time':>9}{'GFLOP/s':>10}{'% matmul':>10}{'peak alloc':>12}{'optim state':>13}"]  # fmt: skip
+             f"{'step':<22}{'time':>9}{'GFLOP/s':>10}{'% matmul':>10}{'peak alloc':>12}"
+             f"{'optim state':>13}"]  # fmt: skip
     for v, label in (("lora", "LoRA r=8 W_q,W_v"), ("full", "full fine-tuning")):
         s = r[v]
         lines.append(f"{label:<22}{s['median_s']:>8.2f}s{s['gflops_per_s']:>10.1f}{s['share_of_matmul']:>10.0%}"

@@ -36,10 +36,12 @@ def parser(prog):
                                 "on a plain-text file, in NumPy.")  # fmt: skip
     p.add_argument("--weights", required=True, help="folder with GPT-2's config.json, model.safetensors, vocab.json, "
                    "merges.txt (e.g. downloaded from huggingface.co/openai-community/gpt2)")  # fmt: skip
-    p.add_argument("--data", required=True, help="a UTF-8 text file to fine-tune on; its last 10%% is the validation set")
+    p.add_argument("--data", required=True,
+                   help="a UTF-8 text file to fine-tune on; its last 10%% is the validation set")  # fmt: skip
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    p.add_argument("--targets", default="W_q,W_v", help=f"weights to adapt, from {','.join(LORA_TARGETS)} (default W_q,W_v)")
+    p.add_argument("--targets", default="W_q,W_v",
+                   help=f"weights to adapt, from {','.join(LORA_TARGETS)} (default W_q,W_v)")  # fmt: skip
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence, at most n_positions (default 128)")
@@ -48,7 +50,8 @@ def parser(prog):
     p.add_argument("--new-tokens", type=int, default=40, help="tokens sampled after the prompt (default 40)")
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows of block-size tokens (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for the adapters, batches and samples (default 0)")
-    p.add_argument("--out", default="runs/gpt2", help="output folder: adapter.npz, peft/, results.json (default runs/gpt2)")
+    p.add_argument("--out", default="runs/gpt2",
+                   help="output folder: adapter.npz, peft/, results.json (default runs/gpt2)")  # fmt: skip
     return p
 
 

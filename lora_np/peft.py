@@ -146,7 +146,8 @@ def import_peft(path, cfg):
     weights_file = path / "adapter_model.safetensors"
     arrays, _ = read_safetensors(weights_file)
     D = cfg.d_model
-    expected = {KEY.format(l=l, f=f): shape for l in range(cfg.n_layers) for f, shape in (("A", (r, D)), ("B", (3 * D, r)))}
+    shapes = {"A": (r, D), "B": (3 * D, r)}
+    expected = {KEY.format(l=l, f=f): shape for l in range(cfg.n_layers) for f, shape in shapes.items()}
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or extra:
         raise CheckpointError(f"{weights_file}: does not fit r = {r} on {cfg.n_layers} layers: missing {missing[:2]}, "

@@ -32,7 +32,8 @@ def published(rng, tied=True, dtype=np.float64):
         h = f"h.{l}."
         w.update({
             h + "ln_1.weight": 1 + 0.1 * rng.normal(size=D), h + "ln_1.bias": 0.1 * rng.normal(size=D),
-            h + "attn.c_attn.weight": 0.3 * rng.normal(size=(D, 3 * D)), h + "attn.c_attn.bias": 0.1 * rng.normal(size=3 * D),
+            h + "attn.c_attn.weight": 0.3 * rng.normal(size=(D, 3 * D)),
+            h + "attn.c_attn.bias": 0.1 * rng.normal(size=3 * D),
             h + "attn.c_proj.weight": 0.3 * rng.normal(size=(D, D)), h + "attn.c_proj.bias": 0.1 * rng.normal(size=D),
             h + "ln_2.weight": 1 + 0.1 * rng.normal(size=D), h + "ln_2.bias": 0.1 * rng.normal(size=D),
             h + "mlp.c_fc.weight": 0.3 * rng.normal(size=(D, M)), h + "mlp.c_fc.bias": 0.1 * rng.normal(size=M),
@@ -84,7 +85,7 @@ DROP = object()
 
 def bytes_to_unicode():
     """GPT-2's map from bytes to printable characters (Radford et al.'s encoder.py), written out."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = {}, 0
     for b in range(256):
         if b in keep:
@@ -155,7 +156,8 @@ def test_save_then_load_round_trips(tmp_path):
     again, tok_again = load_gpt2(tmp_path / "b")
     text = "the tea in the pot, then a rather long one: Ünïcödé ✓"
     assert tok_again.encode(text) == tok.encode(text) and tok_again.decode(tok.encode(text)) == text
-    assert again["W_u"] is again["W_e"] and json.loads((tmp_path / "b" / "config.json").read_text())["tie_word_embeddings"]
+    assert again["W_u"] is again["W_e"]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["tie_word_embeddings"]
     for name in params:
         np.testing.assert_array_equal(again[name], params[name])
     stored, _ = read_safetensors(tmp_path / "b" / "model.safetensors")
