@@ -353,3 +353,22 @@ def test_the_gpt2_help_and_the_quick_bench(tmp_path):
     assert res["quick"] and res["load"]["checksum"] != 0 and res["lora"]["optimizer_state_bytes"] > 0
     # the LoRA step's flops, from the shapes: fewer than full fine-tuning's (no dW of a frozen weight)
     assert 0 < res["lora"]["flops"] < res["full"]["flops"]
+
+
+def test_the_readme_quotes_the_committed_124m_bench():
+    """The README's GPT-2 124M table is the committed figures/gpt2_124m.json, as the bench printed it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "figures" / "gpt2_124m.json").read_text())
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for v in ("lora", "full"):
+        s = r[v]
+        cells = [f"{s['median_s']:.2f} s", f"{s['gflops_per_s']:.1f}", f"{s['share_of_matmul']:.0%}",
+                 f"{s['peak_bytes'] / 1e9:.2f} GB"]  # fmt: skip
+        assert all(c in readme for c in cells), (v, cells)
+    load = r["load"]
+    assert f"{load['seconds']:.3f} s to map, {load['read_every_weight_seconds']:.2f} s" in readme
+    assert f"{load['rss_growth_over_file']:.2f}× the {load['file_bytes'] / 1e6:.0f} MB file" in readme
+    assert f"({r['matmul_square_gflops']:.1f} GFLOP/s" in readme
+    assert f"takes {r['lora_over_full_step_time']:.2f} of the full step's time" in readme
