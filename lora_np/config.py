@@ -12,7 +12,10 @@ from numbers import Integral, Real
 # MLP to future work (Section 4.2); W_1 and W_2 are offered as that extension. W_e, W_p
 # (lookups) and W_u (the output head) are not offered.
 LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
-LORA_INITS = ("gaussian", "kaiming")
+LORA_INITS = ("gaussian", "kaiming", "pissa")
+# LoRA and two of its successors; each is a forward/backward pair (layers.py, dora.py, vera.py)
+LORA_METHODS = ("lora", "dora", "vera")
+BASE_QUANTS = (None, "nf4")
 
 
 def check_int(name, value, minimum=1):
@@ -69,8 +72,17 @@ class LoraConfig:
     alpha: float = 4.0  # the paper's α; with s = α/r, changing r needs no retuning of the lr
     targets: tuple = ("W_q", "W_v")  # the paper's choice for GPT-3 (Section 7.1)
     dropout: float = 0.0  # inverted dropout on the input of A, training only
-    init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default
+    init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default;
+    #                         "pissa": A, B from W0's top-r singular triplets, W0 replaced by the residual
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    # The successors (each a choice the paper's LoRA is the default of):
+    method: str = "lora"  # "dora": W' = m ⊙ (W0 + s·B·A)/‖·‖ (Liu et al. 2024); "vera": shared frozen A, B and
+    #                       trainable vectors, h = W0·x + Λ_b·B·Λ_d·A·x (Kopiczko et al. 2024)
+    lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's; the paper recommends 16
+    dora_exact_norm: bool = False  # DoRA: differentiate through ‖W0 + s·B·A‖ (exact) instead of treating
+    #                                it as a constant in the backward (the DoRA paper's Section 4.3, PEFT's)
+    base_quant: str = None  # "nf4": the blocks' linear weights stored as 4-bit NormalFloat (QLoRA's base)
+    double_quant: bool = False  # with nf4: quantize the per-block scales too (QLoRA's double quantization)
 
     def __post_init__(self):
         object.__setattr__(self, "r", check_int("r", self.r, 1))
@@ -105,8 +117,32 @@ class LoraConfig:
             raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
         if not isinstance(self.rslora, bool):
             raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
+        if self.method not in LORA_METHODS:
+            raise ValueError(f"method must be one of {LORA_METHODS}, got {self.method!r}")
+        ratio = self.lr_ratio
+        if not (isinstance(ratio, Real) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"lr_ratio must be a finite number > 0 (LoRA+'s lr_B / lr_A), got {ratio!r}")
+        object.__setattr__(self, "lr_ratio", float(ratio))
+        for flag in ("dora_exact_norm", "double_quant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.base_quant not in BASE_QUANTS:
+            raise ValueError(f"base_quant must be one of {BASE_QUANTS}, got {self.base_quant!r}")
+        # combinations that would not mean what they say
+        if self.init == "pissa" and self.method != "lora":
+            raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={self.method!r} has its own")
+        if self.method == "vera" and (self.rslora or self.lr_ratio != 1.0 or self.init != "gaussian"):
+            raise ValueError("method='vera' has no scaling, no separate A and B learning rates and its own "
+                             "initialization: leave rslora, lr_ratio and init at their defaults")  # fmt: skip
+        if self.dora_exact_norm and self.method != "dora":
+            raise ValueError(f"dora_exact_norm applies to method='dora', got method={self.method!r}")
+        if self.base_quant is not None and (self.method != "lora" or self.init == "pissa"):
+            raise ValueError("base_quant='nf4' (QLoRA) quantizes the base under plain LoRA: method='lora', "
+                             f"init 'gaussian' or 'kaiming'; got method={self.method!r}, init={self.init!r}")  # fmt: skip
+        if self.double_quant and self.base_quant is None:
+            raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
 
     @property
     def scaling(self):
-        """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora."""
+        """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora. (VeRA has no s.)"""
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)

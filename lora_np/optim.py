@@ -81,10 +81,17 @@ class AdamW(_Optimizer):
 
     Weight decay skips vectors (biases, LayerNorm gains): shrinking a gain towards 0 is not
     regularization, it changes the function (as in GPT-2 and nanoGPT).
+
+    lr_scale: {name: k} multiplies one array's learning rate by k (every other array: 1). LoRA+
+    trains B at λ times A's rate this way (lora_np.variants.lr_scales).
     """
 
-    def __init__(self, arrays, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, arrays, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_scale=None):
         super().__init__(arrays, lr)
+        lr_scale = {} if lr_scale is None else lr_scale
+        if not isinstance(lr_scale, dict) or not set(lr_scale) <= set(arrays):
+            raise ValueError(f"lr_scale must be a dict of trained names -> multiplier, got {str(lr_scale)[:80]}")
+        self.lr_scale = {name: _check_positive(f"lr_scale[{name!r}]", k) for name, k in lr_scale.items()}
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = betas
@@ -109,10 +116,11 @@ class AdamW(_Optimizer):
         c1, c2 = 1.0 - self.b1**self.t, 1.0 - self.b2**self.t  # bias corrections
         for name, p in self.arrays.items():
             g, m, v = grads[name], self.state[name]["m"], self.state[name]["v"]
+            lr = self.lr * self.lr_scale.get(name, 1.0)
             if self.weight_decay and p.ndim >= 2:
-                p *= 1.0 - self.lr * self.weight_decay
+                p *= 1.0 - lr * self.weight_decay
             m *= self.b1
             m += (1.0 - self.b1) * g
             v *= self.b2
             v += (1.0 - self.b2) * (g * g)
-            p -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)

@@ -35,7 +35,7 @@ def trainable_names(params, adapters=None, lora=None, bias="none"):
     """The names to train.
 
     Without adapters: every parameter (pretraining or full fine-tuning). With adapters: every
-    adapter entry plus, following loralib's `mark_only_lora_as_trainable(bias=...)`:
+    adapter entry but VeRA's shared random matrices, plus, following loralib's `mark_only_lora_as_trainable(bias=...)`:
     "none" no bias; "all" every bias, LayerNorm betas included; "lora_only" the biases of the
     adapted layers (e.g. b_q, b_v).
     """
@@ -45,7 +45,7 @@ def trainable_names(params, adapters=None, lora=None, bias="none"):
         if bias != "none":
             raise ValueError(f"bias={bias!r} only applies with adapters; full fine-tuning trains every bias already")
         return list(params)
-    names = list(adapters)
+    names = [n for n in adapters if not n.startswith("vera.")]  # VeRA's shared random matrices stay frozen
     for name in params:
         leaf = name.rsplit(".", 1)[-1]
         is_bias = leaf.startswith("b_") or leaf == "beta"

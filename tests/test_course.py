@@ -134,10 +134,10 @@ BUGS = {
                                         "rslora"),
     "weight decay on vectors too": ("E6", "lora_finetune.py", "if self.weight_decay and p.ndim >= 2:",
                                     "if self.weight_decay:", "vector"),
-    "AdamW rebinds instead of updating in place": ("E6", "lora_finetune.py", "p -= self.lr * (m / c1)",
-                                                   "self.arrays[name] = p - self.lr * (m / c1)", "in place"),
-    "Adam without bias correction": ("E6", "lora_finetune.py", "p -= self.lr * (m / c1) / (np.sqrt(v / c2)",
-                                     "p -= self.lr * m / (np.sqrt(v)", "step 1"),
+    "AdamW rebinds instead of updating in place": ("E6", "lora_finetune.py", "p -= lr * (m / c1)",
+                                                   "self.arrays[name] = p - lr * (m / c1)", "in place"),
+    "Adam without bias correction": ("E6", "lora_finetune.py", "p -= lr * (m / c1) / (np.sqrt(v / c2)",
+                                     "p -= lr * m / (np.sqrt(v)", "step 1"),
     "embedding W[ids] = dout": ("E7", "lora_challenge.py", "np.add.at(dW, ids.reshape(-1), dout.reshape(-1, D))",
                                 "dW[ids.reshape(-1)] = dout.reshape(-1, D)", "dW"),
     "LayerNorm without the variance term": ("E7", "lora_challenge.py",
@@ -189,8 +189,8 @@ CONTAINED = {
                           "    xd[...] = 0.0\n    return dx.reshape(x.shape), dA, dB", "in place"),
     "raises": ("E4", "lora_adapters.py", "    check_adapters(merged, adapters, lora)\n",
                "    raise RuntimeError('oops')\n", "RuntimeError: oops (line"),
-    "ends the process": ("E6", "lora_finetune.py", "    names = list(adapters)",
-                         "    import os\n    os._exit(3)", "exit code 3"),
+    "ends the process": ("E6", "lora_finetune.py", "    if bias not in BIAS_OPTIONS:",
+                         "    import os\n    os._exit(3)\n    if bias not in BIAS_OPTIONS:", "exit code 3"),
 }  # fmt: skip
 
 

@@ -57,7 +57,7 @@ def test_dropout_outside_unit_interval(dropout):
 
 
 def test_unknown_init():
-    with pytest.raises(ValueError, match=r"init must be one of \('gaussian', 'kaiming'\), got 'xavier'"):
+    with pytest.raises(ValueError, match=r"init must be one of \('gaussian', 'kaiming', 'pissa'\), got 'xavier'"):
         LoraConfig(init="xavier")
 
 
