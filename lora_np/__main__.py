@@ -38,6 +38,15 @@ def demo_parser(prog):
     p.add_argument("--targets", default=",".join(d.targets),
                    help=f"comma-separated weights to adapt, from {','.join(LORA_TARGETS)} "
                         f"(default {','.join(d.targets)})")  # fmt: skip
+    p.add_argument("--method", default=d.method, choices=("lora", "dora", "vera"),
+                   help="LoRA, or one of its successors: DoRA (magnitude and direction), VeRA (shared random "
+                        "matrices, trained vectors) (default lora)")  # fmt: skip
+    p.add_argument("--init", default=d.init, choices=("gaussian", "kaiming", "pissa"),
+                   help="A's initialization; pissa: A, B from W0's top-r singular triplets (default gaussian)")
+    p.add_argument("--loraplus", type=float, default=d.lr_ratio, metavar="RATIO",
+                   help="LoRA+: train B at RATIO times A's learning rate; the paper recommends 16 (default 1: LoRA)")
+    p.add_argument("--nf4", action="store_true", help="QLoRA: keep the base's linear weights in 4-bit NormalFloat")
+    p.add_argument("--double-quant", action="store_true", help="with --nf4: quantize the 4-bit scales too")
     p.add_argument("--lr", type=float, default=d.lr, help=f"LoRA learning rate (default {d.lr})")
     p.add_argument(
         "--full-lr", type=float, default=d.full_lr, help=f"full fine-tuning learning rate (default {d.full_lr})"
@@ -60,7 +69,9 @@ def run_demo(argv, prog):
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
     try:
         cfg = DemoConfig(steps=a.steps, pretrain_steps=a.pretrain_steps, rank=a.rank, alpha=a.alpha,
-                         targets=targets, lr=a.lr, full_lr=a.full_lr, seed=a.seed)  # fmt: skip
+                         targets=targets, lr=a.lr, full_lr=a.full_lr, seed=a.seed, method=a.method, init=a.init,
+                         lr_ratio=a.loraplus, base_quant="nf4" if a.nf4 else None,
+                         double_quant=a.double_quant)  # fmt: skip
         cfg.validate()
     except (ValueError, TypeError) as e:
         parser.error(str(e))  # the API's own message, exit status 2, before any work

@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import LoraConfig, ModelConfig
 from .lora import adapter_names, check_adapters, check_rank
+from .nf4 import NF4Tensor
 from .params import Params, check_params, param_shapes
 
 FORMAT_VERSION = 1
@@ -42,7 +43,9 @@ def fingerprint(params):
     """
     h = hashlib.sha256()
     for name in sorted(params):
-        a = np.ascontiguousarray(params[name], dtype="<f8")
+        a = params[name]
+        a = a.dequantize() if isinstance(a, NF4Tensor) else a  # a 4-bit base: the weights it computes with
+        a = np.ascontiguousarray(a, dtype="<f8")
         h.update(f"{name}:{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()

@@ -189,13 +189,46 @@ def config_params(cfg):
 
 
 def config_lora_params(cfg, lora):
-    """Trainable numbers of the adapters `lora` puts on the lora_np model `cfg`, by formula."""
+    """Trainable numbers of the adapters `lora` puts on the lora_np model `cfg`, by formula
+    (LoRA's A and B; method_params counts DoRA's and VeRA's too)."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     if not isinstance(lora, LoraConfig):
         raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    if lora.method != "lora":
+        raise ValueError(f"config_lora_params counts LoRA's A and B; for method={lora.method!r} use method_params")
     ranks = dict.fromkeys(lora.targets, lora.r)
     return lora_transformer_params(cfg.n_layers, ranks, block_shapes(cfg.d_model, cfg.d_mlp))
+
+
+def vera_params(d_out, d_in, r):
+    """Trainable numbers of VeRA on one weight (d_out, d_in): the vectors lambda_d (r,) and lambda_b (d_out,).
+
+        N = r + d_out          against LoRA's r·(d_in + d_out)
+
+    The shared random A (r, d_in) and B (d_out, r) are frozen and, one pair per weight shape for
+    the whole model, regenerated from a seed in VeRA's paper (Kopiczko et al. 2024, Section 3).
+    """
+    d_out, d_in, r = check_int("d_out", d_out), check_int("d_in", d_in), check_int("r", r)
+    return r + d_out
+
+
+def method_params(cfg, lora):
+    """Trainable numbers of any method on the lora_np model `cfg`, by formula, per adapted weight:
+
+        LoRA  r·(d_in + d_out)       DoRA  r·(d_in + d_out) + d_out (the magnitude m)
+        VeRA  r + d_out              (PiSSA, LoRA+ and QLoRA train LoRA's A and B)
+    """
+    if not isinstance(cfg, ModelConfig) or not isinstance(lora, LoraConfig):
+        raise TypeError("cfg must be a ModelConfig and lora a LoraConfig")
+    total = 0
+    for t in lora.targets:
+        d_out, d_in = cfg.linear_shape(t)
+        if lora.method == "vera":
+            total += vera_params(d_out, d_in, lora.r)
+        else:
+            total += lora_params(d_out, d_in, lora.r) + (d_out if lora.method == "dora" else 0)
+    return cfg.n_layers * total
 
 
 def count_arrays(arrays):
@@ -254,3 +287,19 @@ def adam_state_numbers(n_trainable):
 def adam_state_bytes(n_trainable, dtype="float32"):
     """Bytes of Adam's two moments for n_trainable numbers, each stored as `dtype`."""
     return checkpoint_bytes(adam_state_numbers(n_trainable), dtype)
+
+
+def nf4_base_bytes(cfg, double_quant=False, block_size=64):
+    """Bytes of a lora_np model's base with its blocks' linear weights in NF4 (QLoRA), by formula:
+    those weights at nf4_bits_per_parameter (4.5 bits, 4.127 with double quantization, Dettmers
+    et al. 2023, Section 3), everything else (embeddings, head, biases, LayerNorms) in float32.
+    Each weight is padded to whole blocks, as it is stored (NF4Tensor.nbytes counts exactly)."""
+    from .nf4 import nf4_bits_per_parameter
+
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    bits = nf4_bits_per_parameter(block_size, double_quant)
+    linear = [d_out * d_in for d_out, d_in in block_shapes(cfg.d_model, cfg.d_mlp).values()]
+    quantized = cfg.n_layers * sum(-(-n // block_size) * block_size for n in linear)  # padded to whole blocks
+    rest = config_params(cfg) - cfg.n_layers * sum(linear)
+    return int(round(quantized * bits / 8)) + 4 * rest

@@ -21,11 +21,12 @@ from .checkpoint import CheckpointError, load_params, save_adapters, save_params
 from .config import LoraConfig, ModelConfig, check_int
 from .counting import count_arrays
 from .data import VOCAB, decode, encode, eval_windows, make_splits
-from .lora import check_rank, init_lora, merge
+from .lora import check_rank, merge, trainable_adapters
 from .model import model_forward
 from .optim import AdamW
 from .params import Params, cast, init_params
 from .train import evaluate, generate, train
+from .variants import init_adapters, lr_scales
 
 # What pretrain_or_load does beyond DemoConfig's fields. It is part of the cache key, so change it
 # whenever the recipe changes (optimizer settings, warm-up, schedule, initialization, the grammar
@@ -42,6 +43,11 @@ class DemoConfig:
     rank: int = 4
     alpha: float = 4.0
     targets: tuple = ("W_q", "W_v")
+    method: str = "lora"  # or one of LoRA's successors: "dora", "vera" (LoraConfig explains each)
+    init: str = "gaussian"  # "pissa": A and B from W0's top singular triplets
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate over A's
+    base_quant: str = None  # "nf4": QLoRA's 4-bit base
+    double_quant: bool = False
     lr: float = 1e-2  # LoRA's learning rate: adapters start at zero and tolerate a large one
     full_lr: float = 1e-3  # full fine-tuning's: larger rates wreck the pretrained weights
     pretrain_lr: float = 3e-3
@@ -56,7 +62,8 @@ class DemoConfig:
     n_lines: tuple = (6000, 3000)  # sentences generated for the pretraining and fine-tuning domains
 
     def lora(self):
-        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets)
+        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, method=self.method, init=self.init,
+                          lr_ratio=self.lr_ratio, base_quant=self.base_quant, double_quant=self.double_quant)  # fmt: skip
 
     def validate(self):
         """Raise the API's own errors for bad values, before any work is done."""
@@ -151,24 +158,27 @@ def finetune_full_and_lora(cfg=DemoConfig(), cache_dir="runs/demo/cache", log=pr
     val["full"] = losses(full)
 
     lora = cfg.lora()
-    adapters = cast(init_lora(cfg.model, lora, cfg.seed), np.float32)
-    before = {k: v.copy() for k, v in base.items()}
-    opt_lora = AdamW(adapters, lr=cfg.lr)
-    hist_lora = train(base, new_train, opt_lora, adapters=adapters, lora=lora, label="lora", **common)
-    changed = [k for k in base if not np.array_equal(base[k], before[k])]
+    # the base LoRA trains on: the pretrained one, or PiSSA's residual, or QLoRA's 4-bit copy of it
+    lora_base, adapters = init_adapters(base, lora, cfg.seed)
+    before = {k: np.array(v) for k, v in lora_base.items()}
+    trained = {k: adapters[k] for k in trainable_adapters(adapters)}  # VeRA's shared matrices stay frozen
+    opt_lora = AdamW(trained, lr=cfg.lr, lr_scale=lr_scales(adapters, lora) or None)  # LoRA+: B at λ·lr
+    hist_lora = train(lora_base, new_train, opt_lora, adapters=adapters, lora=lora, label="lora", **common)
+    changed = [k for k in lora_base if not np.array_equal(np.array(lora_base[k]), before[k])]
     if changed:  # LoRA's promise, checked on the run it reports (tests check it too)
         raise RuntimeError(f"LoRA training changed frozen weights {changed[:3]}")
-    val["lora"] = losses(base, adapters, lora)
+    val["lora"] = losses(lora_base, adapters, lora)
 
     return {
         "config": cfg,
         "lora": lora,
         "base": base,
+        "lora_base": lora_base,
         "full": full,
         "adapters": adapters,
         "history": {"full": hist_full, "lora": hist_lora},
         "val": val,
-        "trainable": {"full": count_arrays(full), "lora": count_arrays(adapters)},
+        "trainable": {"full": count_arrays(full), "lora": count_arrays(trained)},
         "state_bytes": {"full": opt_full.state_bytes(), "lora": opt_lora.state_bytes()},
         "total_params": count_arrays(base),
         "pretrain_seconds": pretrain_seconds,
@@ -188,6 +198,7 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = finetune_full_and_lora(cfg, out_dir / "cache", log, reuse=use_cache)
     base, full, adapters, lora, val = runs["base"], runs["full"], runs["adapters"], runs["lora"], runs["val"]
+    lora_base = runs["lora_base"]  # the base the adapters were trained on (PiSSA's residual, QLoRA's 4-bit copy)
     T = cfg.model.context_length
     rows = {"base": dict(val["base"])}
     for k in ("full", "lora"):
@@ -198,14 +209,14 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
             "state": runs["state_bytes"][k],
         }
     rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
-    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, base).stat().st_size
+    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, lora_base).stat().st_size
     rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
     new_val = runs["data"]["new_val"]
 
     # merge check: W' = W0 + s·B·A as a plain model against the unmerged adapters
     x, _ = eval_windows(new_val, T, 16)
-    merged = merge(base, adapters, lora)
-    unmerged_logits, _ = model_forward(base, x, adapters, lora)
+    merged = merge(lora_base, adapters, lora)
+    unmerged_logits, _ = model_forward(lora_base, x, adapters, lora)
     merged_logits, _ = model_forward(merged, x)
     merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
 
@@ -213,7 +224,7 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     samples = {
         "base": decode(generate(base, prompt, 120, seed=cfg.seed)),
         "full": decode(generate(full, prompt, 120, seed=cfg.seed)),
-        "lora": decode(generate(base, prompt, 120, adapters, lora, seed=cfg.seed)),
+        "lora": decode(generate(lora_base, prompt, 120, adapters, lora, seed=cfg.seed)),
     }
     n_total = runs["total_params"]
     pretrain_seconds = runs["pretrain_seconds"]
@@ -234,6 +245,18 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     return results
 
 
+def method_label(lora):
+    """A short name for the adapter method, e.g. "LoRA r=4", "DoRA r=4", "LoRA+ r=4 λ=16", "QLoRA r=4"."""
+    name = {"lora": "LoRA", "dora": "DoRA", "vera": "VeRA"}[lora.method]
+    if lora.base_quant == "nf4":
+        name = "QLoRA"
+    if lora.init == "pissa":
+        name = "PiSSA"
+    if lora.lr_ratio != 1.0:
+        return f"{name}+ r={lora.r} λ={lora.lr_ratio:g}"
+    return f"{name} r={lora.r}"
+
+
 def report(res, cfg):
     """The demo's table and notes, as text."""
     rows, n = res["rows"], res["total_params"]
@@ -243,7 +266,7 @@ def report(res, cfg):
         f"{'val new':>9}{'val old':>9}{'time':>8}"
     )
     lines = [head, "-" * len(head)]
-    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": f"LoRA r={cfg.rank} {targets}"}
+    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": f"{method_label(cfg.lora())} {targets}"}
     for key in ("base", "full", "lora"):
         r = rows[key]
         t = res["pretrain_seconds"] if key == "base" else r["seconds"]

@@ -17,18 +17,49 @@ Dimension legend: r rank, d_in / d_out the adapted weight's input / output width
 import numpy as np
 
 from .config import LoraConfig, ModelConfig
-from .params import Params, check_seed
+from .params import Params, check_seed, is_quantized
 
 
 def adapter_names(cfg, lora):
-    """The adapter arrays a model needs, as {name: shape}, in a fixed order (blocks, targets, A then B)."""
+    """The adapter arrays a model needs, as {name: shape}, in a fixed order (blocks, targets, A then B).
+
+    method "lora": A (r, d_in) and B (d_out, r) per adapted weight; "dora" adds the magnitude
+    m (d_out,); "vera" has two trainable vectors per adapted weight, lambda_d (r,) and
+    lambda_b (d_out,), and one frozen random pair per weight shape, shared by every layer:
+    "vera.{d_out}x{d_in}.A" (r, d_in) and ".B" (d_out, r).
+    """
     names = {}
+    if lora.method == "vera":
+        for t in lora.targets:
+            d_out, d_in = cfg.linear_shape(t)
+            names[f"{VERA_SHARED}{d_out}x{d_in}.A"] = (lora.r, d_in)
+            names[f"{VERA_SHARED}{d_out}x{d_in}.B"] = (d_out, lora.r)
     for l in range(cfg.n_layers):
         for t in lora.targets:
             d_out, d_in = cfg.linear_shape(t)
+            if lora.method == "vera":
+                names[f"blocks.{l}.{t}.lambda_d"] = (lora.r,)
+                names[f"blocks.{l}.{t}.lambda_b"] = (d_out,)
+                continue
             names[f"blocks.{l}.{t}.A"] = (lora.r, d_in)
             names[f"blocks.{l}.{t}.B"] = (d_out, lora.r)
+            if lora.method == "dora":
+                names[f"blocks.{l}.{t}.m"] = (d_out,)
     return names
+
+
+VERA_SHARED = "vera."  # the prefix of VeRA's frozen shared matrices: adapters, but never trained
+
+
+def trainable_adapters(adapters):
+    """The names of the adapter arrays that train: all but VeRA's frozen shared matrices."""
+    return [name for name in adapters if not name.startswith(VERA_SHARED)]
+
+
+def vera_shared(adapters, cfg, target):
+    """VeRA's frozen (A, B) for a target's weight shape."""
+    d_out, d_in = cfg.linear_shape(target)
+    return adapters[f"{VERA_SHARED}{d_out}x{d_in}.A"], adapters[f"{VERA_SHARED}{d_out}x{d_in}.B"]
 
 
 def check_rank(cfg, lora):
@@ -64,6 +95,13 @@ def init_lora(cfg, lora, seed):
         raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
     check_seed(seed)
     check_rank(cfg, lora)
+    if lora.method == "vera":  # shared frozen matrices and two vectors: lora_np.variants
+        from lora_np.variants import init_vera
+
+        return init_vera(cfg, lora, seed)
+    if lora.method == "dora" or lora.init == "pissa":
+        raise ValueError(f"method={lora.method!r}, init={lora.init!r} initializes from the base weights W0: "
+                         f"use lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
     rng = np.random.default_rng(seed)
     adapters = {}
     for name, shape in adapter_names(cfg, lora).items():
@@ -127,6 +165,10 @@ def merge(params, adapters, lora):
       params (never written to), and params and adapters are left untouched
     """
     check_adapters(params, adapters, lora)
+    if lora.method != "lora" or is_quantized(params):  # DoRA's and VeRA's W' are not W0 + s·B·A
+        from lora_np.variants import merge_variant
+
+        return merge_variant(params, adapters, lora)
     merged = params.copy()  # shallow: arrays LoRA does not adapt are shared, adapted ones replaced
     for l in range(params.config.n_layers):
         for t in lora.targets:
@@ -137,15 +179,20 @@ def merge(params, adapters, lora):
     return merged
 
 
-def unmerge(merged, adapters, lora):
+def unmerge(merged, adapters, lora, norms=None):
     """W0 = W' - s·B·A for every adapted weight: the inverse of merge, up to round-off.
 
     Subtracting the same s·B·A that merge added gives W0 back to within an ulp or so of W0 + s·B·A,
     not bit for bit: (W0 + Δ) - Δ rounds twice.
 
-    Inputs and Returns as in merge, with `merged` in place of params.
+    Inputs and Returns as in merge, with `merged` in place of params. `norms` only for DoRA,
+    whose merged weight has lost the norms it needs (lora_np.variants.dora_norms explains).
     """
     check_adapters(merged, adapters, lora)
+    if lora.method != "lora":
+        from lora_np.variants import unmerge_variant
+
+        return unmerge_variant(merged, adapters, lora, norms)
     params = merged.copy()
     for l in range(merged.config.n_layers):
         for t in lora.targets:

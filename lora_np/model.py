@@ -39,8 +39,11 @@ from .layers import (
     lora_linear_backward,
     lora_linear_forward,
 )
-from .lora import check_adapters
+from .dora import dora_linear_backward, dora_linear_forward
+from .lora import VERA_SHARED, check_adapters, trainable_adapters, vera_shared
+from .nf4 import NF4Tensor
 from .params import check_params
+from .vera import vera_linear_backward, vera_linear_forward
 
 
 def check_tokens(tokens, cfg, name="tokens"):
@@ -65,24 +68,51 @@ def check_tokens(tokens, cfg, name="tokens"):
 
 def _proj_forward(x, params, adapters, lora, prefix, w, train, rng):
     W, b = params[prefix + w], params[prefix + "b_" + w[2:]]  # "W_q" -> "b_q"
+    stored = W
+    if isinstance(W, NF4Tensor):  # QLoRA: the 4-bit base, dequantized for this product only
+        W = W.dequantize()
     if adapters is not None and w in lora.targets:
-        A, B = adapters[prefix + w + ".A"], adapters[prefix + w + ".B"]
+        name = prefix + w
         p = lora.dropout if train else 0.0  # dropout is a training-time regularizer only
+        if lora.method == "dora":
+            A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
+            out, cache = dora_linear_forward(x, W, b, A, B, m, lora.scaling, dropout=p, rng=rng,
+                                             detach_norm=not lora.dora_exact_norm)  # fmt: skip
+            return out, ("dora", cache)
+        if lora.method == "vera":
+            A, B = vera_shared(adapters, params.config, w)
+            d, bv = adapters[name + ".lambda_d"], adapters[name + ".lambda_b"]
+            out, cache = vera_linear_forward(x, W, b, A, B, d, bv, dropout=p, rng=rng)
+            return out, ("vera", cache)
+        A, B = adapters[name + ".A"], adapters[name + ".B"]
         out, cache = lora_linear_forward(x, W, b, A, B, lora.scaling, dropout=p, rng=rng)
-        return out, ("lora", cache)
-    out, cache = linear_forward(x, W, b)
-    return out, ("linear", cache)
+        kind = "lora"
+    else:
+        out, cache = linear_forward(x, W, b)
+        kind = "linear"
+    if stored is not W:  # keep the 4-bit weight in the cache, not its float copy: dequantized again for dx
+        cache = (cache[0], stored, *cache[2:])
+    return out, (kind, cache)
 
 
 def _proj_backward(dout, cache, prefix, w, want, grads):
     kind, c = cache
     W, b = prefix + w, prefix + "b_" + w[2:]
-    if kind == "lora":
-        dx, dA, dB = lora_linear_backward(dout, c, need_dA=W + ".A" in want, need_dB=W + ".B" in want)
-        if dA is not None:
-            grads[W + ".A"] = dA
-        if dB is not None:
-            grads[W + ".B"] = dB
+    if isinstance(c[1], NF4Tensor):  # linear and LoRA caches hold W0 second
+        c = (c[0], c[1].dequantize(), *c[2:])
+    if kind in ("lora", "dora", "vera"):
+        if kind == "lora":
+            dx, dA, dB = lora_linear_backward(dout, c, need_dA=W + ".A" in want, need_dB=W + ".B" in want)
+            new = {".A": dA, ".B": dB}
+        elif kind == "dora":
+            dx, dA, dB, dm = dora_linear_backward(dout, c, need_dA=W + ".A" in want, need_dB=W + ".B" in want,
+                                                  need_dm=W + ".m" in want)  # fmt: skip
+            new = {".A": dA, ".B": dB, ".m": dm}
+        else:
+            dx, dd, db_ = vera_linear_backward(dout, c, need_dd=W + ".lambda_d" in want,
+                                               need_db=W + ".lambda_b" in want)  # fmt: skip
+            new = {".lambda_d": dd, ".lambda_b": db_}
+        grads.update({W + k: g for k, g in new.items() if g is not None})
         if b in want:  # ∂L/∂b = g, summed over positions; it does not involve W0 or the adapter
             grads[b] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
         return dx
@@ -192,8 +222,9 @@ def model_forward(params, tokens, adapters=None, lora=None, *, train=False, rng=
 
     cache = {
         "names": list(params) + (list(adapters) if adapters is not None else []),
-        "default_trainable": list(adapters) if adapters is not None else list(params),
+        "default_trainable": trainable_adapters(adapters) if adapters is not None else list(params),
         "adapted": lora.targets if adapters is not None else (),
+        "quantized": {n for n, a in params.items() if isinstance(a, NF4Tensor)},
         "logits": (logits.shape, logits.dtype),
         "tok": c_tok,
         "pos": c_pos,
@@ -217,6 +248,13 @@ def _resolve_trainable(trainable, cache):
             f"unknown trainable names {unknown[:4]}: neither parameters nor adapters of this forward pass; "
             f"known names look like 'blocks.0.W_q', 'blocks.0.W_q.A', 'ln_f.gamma'"
         )
+    frozen = sorted(n for n in want if n.startswith(VERA_SHARED))
+    if frozen:
+        raise ValueError(f"trainable includes {frozen[:2]}, VeRA's shared random matrices, frozen by definition; "
+                         f"VeRA trains the vectors lambda_d and lambda_b")  # fmt: skip
+    quantized = sorted(n for n in want if n in cache["quantized"])
+    if quantized:
+        raise ValueError(f"trainable includes {quantized[:2]}, stored as 4-bit NF4: a quantized base is frozen")
     both = sorted(n for n in want if n.rsplit(".", 1)[-1] in cache["adapted"])
     if both:
         raise ValueError(

@@ -17,6 +17,7 @@ from numbers import Integral
 import numpy as np
 
 from .config import ModelConfig
+from .nf4 import NF4Tensor
 
 
 class Params(dict):
@@ -40,6 +41,9 @@ class Params(dict):
     def __repr__(self):
         n = sum(a.size for a in self.values())
         return f"Params({self.config}, {len(self)} arrays, {n:,} numbers)"
+
+
+QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")  # the blocks' linear weights (QLoRA quantizes these)
 
 
 def param_shapes(cfg):
@@ -97,11 +101,18 @@ def init_params(cfg, seed):
     return Params(cfg, arrays)
 
 
+def is_quantized(params):
+    """True when some weight of params is stored quantized (an NF4Tensor, QLoRA's base)."""
+    return any(isinstance(a, NF4Tensor) for a in params.values())
+
+
 def cast(arrays, dtype):
     """A copy of a Params or adapter dict with every array in `dtype` (float32 or float64)."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if isinstance(arrays, Params) and is_quantized(arrays):
+        raise ValueError("params hold quantized (NF4) weights: cast before quantizing")
     out = {k: v.astype(dtype) for k, v in arrays.items()}
     return Params(arrays.config, out) if isinstance(arrays, Params) else out
 
@@ -123,6 +134,8 @@ def check_params(params):
         raise ValueError(f"params must be float32 or float64, got W_e with dtype {dtype}")
     for name, shape in expected.items():
         a = params[name]
-        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
+        # QLoRA's 4-bit base is checked by the shape and dtype it dequantizes to
+        array_like = isinstance(a, np.ndarray) or (name.rsplit(".", 1)[-1] in QUANTIZABLE and isinstance(a, NF4Tensor))
+        if not array_like or a.shape != shape or a.dtype != dtype:
             got = (a.shape, a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"params[{name!r}] must be an array of shape {shape} and dtype {dtype}, got {got}")
