@@ -8,6 +8,7 @@
 - `python -m lora_np experiments`: rerun the Section 7 experiments behind notebook 05
 - `python -m lora_np course make DIR [--solutions]` / `course grade DIR`: the homework and its autograder
 - `python -m lora_np gpt2 --weights DIR --data FILE.txt`: LoRA on GPT-2's published weights
+- `python -m lora_np successors`: LoRA's successors on the demo task, over seeds (notebook 07's numbers)
 """
 
 import argparse
@@ -27,7 +28,8 @@ def demo_parser(prog):
         description="Pretrain a tiny GPT on plain word order, then fine-tune it on Yoda's word order "
         "two ways (every weight, and LoRA) from the same weights and batches, and compare.",
         epilog="other commands (each with its own --help): figures, check, bench, experiments, "
-        "course make|grade, gpt2 (LoRA on GPT-2's published weights), gpt2 bench",
+        "course make|grade, gpt2 (LoRA on GPT-2's published weights), gpt2 bench, successors (DoRA, VeRA, "
+        "PiSSA, LoRA+, QLoRA on the demo task)",
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"fine-tuning steps for each method (default {d.steps})")
     p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
@@ -143,6 +145,12 @@ def run_experiments(argv, prog):
     return experiments_main(argv)
 
 
+def run_successors(argv, prog):
+    from .successors import main as successors_main
+
+    return successors_main(argv, f"{prog} successors")
+
+
 def run_gpt2(argv, prog):
     from .gpt2_finetune import main as gpt2_main
 
@@ -159,7 +167,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "python -m lora_np"
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
-                "course": run_course, "gpt2": run_gpt2}
+                "course": run_course, "gpt2": run_gpt2,
+                "successors": run_successors}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":

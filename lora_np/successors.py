@@ -1,0 +1,176 @@
+"""LoRA's successors on the demo task, beside LoRA and full fine-tuning, over several seeds.
+
+The demo's recipe (lora_np.demo: the same pretrained base, the Yoda-order domain, AdamW, the
+same batches for every method at a given seed) run once per method and seed:
+
+    full fine-tuning, LoRA, LoRA+ (λ = 16), PiSSA, DoRA, VeRA, QLoRA (NF4, and NF4 with
+    double quantization)
+
+each recording the validation loss on the new domain and the old one, the gap closed
+(L_base - L_method) / (L_base - L_full) against the full fine-tuning run of the same seed, the
+trainable numbers, the optimizer state and the time. Notebook 07 reads the results; the runs
+take a few minutes on two cores, too long for a notebook, so they are kept in
+notebooks/successors_results.json, rewritten by one command:
+
+    python -m lora_np successors
+
+`load_results` refuses a file whose configuration is not the code's.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import fingerprint, write_atomic
+from .config import LoraConfig
+from .counting import count_arrays
+from .data import make_splits
+from .demo import DemoConfig, pretrain_or_load
+from .lora import trainable_adapters
+from .optim import AdamW
+from .params import Params
+from .train import evaluate, train
+from .variants import init_adapters, lr_scales
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "successors_results.json"
+DEFAULT_CACHE = "runs/demo/cache"
+FORMAT_VERSION = 1
+
+# label -> the LoraConfig fields that make the method (None: full fine-tuning). Rank 4 on W_q, W_v
+# as the demo, except VeRA, whose vectors are r + d_out numbers a weight: at the demo's r = 4 it
+# would train 68 numbers a matrix, so it gets the largest rank the 64-wide model allows (the
+# VeRA paper also uses far larger ranks than LoRA, Section 4).
+METHODS = {
+    "full fine-tuning": None,
+    "LoRA": {},
+    "LoRA+ (λ = 16)": {"lr_ratio": 16.0},
+    "PiSSA": {"init": "pissa"},
+    "DoRA": {"method": "dora"},
+    "VeRA (r = 64)": {"method": "vera", "r": 64},
+    "QLoRA (NF4)": {"base_quant": "nf4"},
+    "QLoRA (NF4, double quant)": {"base_quant": "nf4", "double_quant": True},
+}
+
+
+@dataclass(frozen=True)
+class SuccessorsConfig:
+    seeds: tuple = (0, 1, 2)  # batches and adapter draws; the base is the demo's (seed 0)
+    steps: int = 300  # the demo's fine-tuning steps
+    rank: int = 4
+    alpha: float = 4.0
+    targets: tuple = ("W_q", "W_v")
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def lora(self, fields):
+        kw = {"r": self.rank, "alpha": self.alpha, "targets": self.targets, **fields}
+        if kw.get("method") == "vera":
+            kw["alpha"] = float(kw["r"])  # VeRA has no scaling; alpha is unused, kept = r for the record
+        return LoraConfig(**kw)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["demo"] = {"lr": self.demo.lr, "full_lr": self.demo.full_lr, "batch_size": self.demo.batch_size,
+                     "pretrain_key": self.demo.pretrain_key(), "model": asdict(self.demo.model)}  # fmt: skip
+        d["methods"] = {k: v for k, v in METHODS.items()}
+        return json.loads(json.dumps(d))
+
+
+def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
+    """Every method at every seed; returns the results file's contents."""
+    t_start = time.perf_counter()
+    d = cfg.demo
+    T = d.model.context_length
+    pre_train, pre_val = make_splits("pretrain", d.n_lines[0], d.seed)
+    new_train, new_val = make_splits("finetune", d.n_lines[1], d.seed)
+    base, _ = pretrain_or_load(d, pre_train, cache_dir, log)
+
+    def losses(params, adapters=None, lora=None):
+        return {"new": evaluate(params, new_val, adapters, lora, block_size=T),
+                "old": evaluate(params, pre_val, adapters, lora, block_size=T)}  # fmt: skip
+
+    results = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "base": losses(base), "runs": {}}
+    for label, fields in METHODS.items():
+        rows = []
+        for seed in cfg.seeds:
+            common = {"steps": cfg.steps, "batch_size": d.batch_size, "block_size": T, "seed": seed + 1,
+                      "log_every": 0, "label": label}  # fmt: skip
+            t0 = time.perf_counter()
+            if fields is None:
+                params = Params(base.config, {k: v.copy() for k, v in base.items()})
+                opt = AdamW(params, lr=d.full_lr, weight_decay=0.01)
+                train(params, new_train, opt, **common)
+                row = {**losses(params), "trainable": count_arrays(params), "start": results["base"]["new"]}
+            else:
+                lora = cfg.lora(fields)
+                start, adapters = init_adapters(base, lora, seed)
+                trained = {k: adapters[k] for k in trainable_adapters(adapters)}
+                opt = AdamW(trained, lr=d.lr, lr_scale=lr_scales(adapters, lora) or None)
+                start_loss = losses(start, adapters, lora)["new"]  # the method's step 0: the base, or its NF4 copy
+                train(start, new_train, opt, adapters=adapters, lora=lora, **common)
+                row = {**losses(start, adapters, lora), "trainable": count_arrays(trained), "start": start_loss}
+            row.update(seed=seed, seconds=time.perf_counter() - t0, optimizer_state_bytes=opt.state_bytes())
+            rows.append(row)
+            log(f"  {label:<28} seed {seed}: val new {row['new']:.4f}  old {row['old']:.4f}  "
+                f"({row['trainable']:,} trainable, {row['seconds']:.1f}s)")  # fmt: skip
+        results["runs"][label] = rows
+    full = {r["seed"]: r["new"] for r in results["runs"]["full fine-tuning"]}
+    L0 = results["base"]["new"]
+    for rows in results["runs"].values():
+        for r in rows:
+            r["gap_closed"] = (L0 - r["new"]) / (L0 - full[r["seed"]])
+    results["provenance"] = {"command": "python -m lora_np successors", "base_fingerprint": fingerprint(base),
+                             "seconds": round(time.perf_counter() - t_start, 1), "numpy": np.__version__}  # fmt: skip
+    return results
+
+
+def load_results(path=DEFAULT_RESULTS, cfg=SuccessorsConfig()):
+    """The results file, after checking its format version and that its configuration is cfg's."""
+    path = Path(path)
+    fix = "regenerate it with `python -m lora_np successors`"
+    if not path.exists():
+        raise ValueError(f"no results file at {path}; {fix}")
+    results = json.loads(path.read_text())
+    if results.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
+                         f"{FORMAT_VERSION}; {fix}")  # fmt: skip
+    want, got = cfg.to_dict(), results.get("config")
+    if got != want:
+        diff = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
+        raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
+    if set(results.get("runs", {})) != set(METHODS):
+        raise ValueError(f"{path} does not hold a run of every method in {list(METHODS)}; {fix}")
+    return results
+
+
+def main(argv=None, prog="python -m lora_np successors"):
+    p = argparse.ArgumentParser(prog=prog, description="Run LoRA's successors on the demo task over several seeds "
+                                "and write the results file notebook 07 reads (a few minutes).")  # fmt: skip
+    p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
+    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
+    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if a.check:
+        try:
+            load_results(a.out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{a.out} fits the code's configuration")
+        return 0
+    out = Path(a.out)
+    if out.is_dir() or not out.parent.is_dir():
+        p.error(f"--out {a.out!r} must be a file in an existing folder")
+    results = run_all(SuccessorsConfig(), a.cache_dir)
+    text = (json.dumps(results, indent=1) + "\n").encode()
+    write_atomic(out, lambda f: f.write(text))
+    print(f"wrote {out} ({results['provenance']['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
