@@ -391,22 +391,30 @@ EXPECTED_KEYS = {
 }
 
 
+def read_checked(path, config, version, command):
+    """A cached results file, after checking its format version and that its "config" is `config`
+    (a JSON-ready dict). Raises ValueError saying what does not match and the command that
+    regenerates the file. Returns (results, the advice to print with any later complaint)."""
+    path = Path(path)
+    fix = f"regenerate it with `{command}`"
+    if not path.exists():
+        raise ValueError(f"no results file at {path}; {fix}")
+    results = json.loads(path.read_text())
+    if results.get("format_version") != version:
+        raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
+                         f"{version}; {fix}")  # fmt: skip
+    got = results.get("config")
+    if got != config:
+        diff = sorted(k for k in set(config) | set(got or {}) if (got or {}).get(k) != config.get(k))
+        raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
+    return results, fix
+
+
 def load_results(path=DEFAULT_RESULTS, cfg=Section7Config()):
     """The results file, after checking its format version, that its configuration is cfg's, and
     that every experiment's keys are there. Raises ValueError saying what does not match and how to
     regenerate the file."""
-    path = Path(path)
-    fix = "regenerate it with `python -m lora_np.experiments`"
-    if not path.exists():
-        raise ValueError(f"no results file at {path}; {fix}")
-    results = json.loads(path.read_text())
-    if results.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
-                         f"{FORMAT_VERSION}; {fix}")  # fmt: skip
-    want, got = cfg.to_dict(), results.get("config")
-    if got != want:
-        diff = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
-        raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
+    results, fix = read_checked(path, cfg.to_dict(), FORMAT_VERSION, "python -m lora_np.experiments")
     for name, keys in EXPECTED_KEYS.items():
         missing = keys - set(results.get(name, {}))
         if missing:

@@ -31,6 +31,7 @@ from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
 from .demo import DemoConfig, pretrain_or_load
+from .experiments import read_checked
 from .lora import trainable_adapters
 from .optim import AdamW
 from .params import Params
@@ -130,18 +131,7 @@ def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
 
 def load_results(path=DEFAULT_RESULTS, cfg=SuccessorsConfig()):
     """The results file, after checking its format version and that its configuration is cfg's."""
-    path = Path(path)
-    fix = "regenerate it with `python -m lora_np successors`"
-    if not path.exists():
-        raise ValueError(f"no results file at {path}; {fix}")
-    results = json.loads(path.read_text())
-    if results.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
-                         f"{FORMAT_VERSION}; {fix}")  # fmt: skip
-    want, got = cfg.to_dict(), results.get("config")
-    if got != want:
-        diff = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
-        raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
+    results, fix = read_checked(path, cfg.to_dict(), FORMAT_VERSION, "python -m lora_np successors")
     if set(results.get("runs", {})) != set(METHODS):
         raise ValueError(f"{path} does not hold a run of every method in {list(METHODS)}; {fix}")
     return results
