@@ -75,7 +75,7 @@ FILES = (
         "import numpy as np\n\n"
         "from lora_np.config import LoraConfig, ModelConfig\n"
         "from lora_np.lora import adapter_names, check_adapters, check_rank\n"
-        "from lora_np.params import check_seed",
+        "from lora_np.params import check_seed, is_quantized",
     ),
     HandoutFile(
         "lora_counting.py",
