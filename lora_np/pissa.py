@@ -28,16 +28,19 @@ What the start is, and what the tests check (tests/test_pissa.py):
   does not change: it is unique whenever σ_r > σ_{r+1}.
 
 Why W_res = W0 - s·B·A and not the paper's U_{r:}·Σ_{r:}·V_{r:}ᵀ (equal in exact arithmetic):
-with P the computed s·B·A, the adapted layer evaluates fl(fl(W0 - P) + P), which is W0 to
-within one rounding of each of the two sums, however inaccurate the SVD:
+with P the computed s·(B @ A), merging the untrained adapter back (lora.merge's W_res + s·(B @ A))
+evaluates fl(fl(W0 - P) + P), which is W0 to within one rounding of each of the two sums, however
+inaccurate the SVD:
 
     |fl(fl(W0 - P) + P) - W0| ≤ u·|W0 - P| + u·|W0| + O(u²) ≤ u·(σ_{r+1} + σ_1) + O(u²) ≤ ε·σ_1
 
 entrywise, with u = ε/2 the unit roundoff, because an entry of a matrix is at most its largest
 singular value: |W0_ij| ≤ σ_1 and |(W0 - P)_ij| ≤ ‖W_res‖_2 = σ_{r+1} (to O(ε)). No factor of the
-dimensions appears. The paper's residual would start the layer only as close to W0 as the SVD's
-backward error allows, ‖E‖_2 ≤ p(d_out, d_in)·ε·σ_1 (see the references), and that bound, with
-p ~ k = min(d_out, d_in), is the one the properties below are tested to.
+dimensions appears. (The unmerged layer, x·W_resᵀ + s·(x·Aᵀ)·Bᵀ, adds only its products'
+round-off, as any linear layer does.) The paper's residual would start the layer only as close to W0 as the SVD's
+backward error allows, ‖E‖_2 ≤ p(d_out, d_in)·ε·σ_1 (see the references), measured up to 50·ε·σ_1
+on small matrices. That error, with the rounding of s·B·A, is what the properties listed above
+carry: tests/test_pissa.py derives its bound for them, 50·(d_out + d_in)·ε·σ_1.
 
 A note for rank-deficient W0: if σ_i = 0 for some i ≤ r, row i of A and column i of B are zero,
 and both gradients of that pair (∂L/∂A_i = s·(Bᵀ·g)_i·xᵀ, ∂L/∂B_i = s·g·(A·x)_i) are zero too:
@@ -57,11 +60,9 @@ References
 """
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
-
-from .config import check_int
 
 
 def pissa_factors(W, r, scaling):
@@ -88,15 +89,17 @@ def pissa_factors(W, r, scaling):
     if not isinstance(W, np.ndarray) or W.ndim != 2:
         raise TypeError(f"W must be a 2-D NumPy array (d_out, d_in), got {type(W).__name__} "
                         f"of shape {np.shape(W)}")  # fmt: skip
-    if not np.issubdtype(W.dtype, np.floating):
+    if W.dtype not in (np.float32, np.float64):  # np.linalg.svd refuses float16, and integers are no weight
         raise TypeError(f"W must be a float array (float32 or float64), got dtype {W.dtype}")
     if not np.all(np.isfinite(W)):
         raise ValueError("W must be finite: it has NaN or inf entries, and an SVD of it would not converge")
     d_out, d_in = W.shape
     k = min(d_out, d_in)
-    r = check_int("r", r)
-    if r > k:
+    if not isinstance(r, Integral) or isinstance(r, bool):  # True as a rank is a bug, not a 1
+        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
+    if not 1 <= r <= k:
         raise ValueError(f"r must be between 1 and min(d_out, d_in) = {k} for W of shape {W.shape}, got r={r}")
+    r = int(r)
     if not isinstance(scaling, Real) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a real number, got {scaling!r}")
     scaling = float(scaling)  # a Python float: a NumPy float64 scalar would upcast a float32 W

@@ -15,6 +15,11 @@ Trainable numbers per adapted layer: r + d_out, against LoRA's r·(d_in + d_out)
 "parameter count" in Section 3: |Θ| = L_tuned·(d_model + r) for VeRA against 2·L_tuned·d_model·r
 for LoRA). A and B can be regenerated from a seed, so a checkpoint need not store them.
 
+Sharing: here one pair serves every layer of one shape (d_out, d_in), and layers of another shape
+get a pair of their own. PEFT instead draws a single pair sized for the largest adapted shape and
+slices it per layer (vera_A[:, :d_in], vera_B[:d_out, :]), so a smaller layer's slice keeps the
+larger layer's Kaiming bound.
+
 Initialization (paper Section 3, "initialization strategies"):
 - A and B: Kaiming initialization, frozen. PEFT (src/peft/tuners/vera/model.py, `_kaiming_init`)
   draws both from U(-bound, bound) with bound = sqrt(3)·sqrt(2)/sqrt(fan_in) = sqrt(6/fan_in), where
@@ -51,7 +56,7 @@ import numpy as np
 
 from .config import check_int
 
-VERA_D_INIT = 0.1  # lambda_d's initial value: PEFT's VeraConfig.d_initial (paper Table 6c: small is better)
+VERA_D_INIT = 0.1  # lambda_d's initial value: PEFT's VeraConfig.d_initial (it cites the paper's Table 6c)
 
 
 def vera_shared_init(d_out, d_in, r, rng):
@@ -132,7 +137,9 @@ def vera_linear_forward(x, W, b, A, B, lambda_d, lambda_b, *, dropout=0.0, rng=N
     if np.shape(lambda_d) != (r,):
         raise ValueError(f"lambda_d must have shape (r,) = ({r},) to match A {A.shape}, got {np.shape(lambda_d)}")
     if np.shape(lambda_b) != (d_out,):
-        raise ValueError(f"lambda_b must have shape (d_out,) = ({d_out},) to match W {W.shape}, got {np.shape(lambda_b)}")
+        raise ValueError(
+            f"lambda_b must have shape (d_out,) = ({d_out},) to match W {W.shape}, got {np.shape(lambda_b)}"
+        )
     x2 = x.reshape(-1, d_in)  # (N, d_in)
     h = x2 @ W.T  # (N, d_out)   W0·x: the frozen path
     if b is not None:
@@ -201,5 +208,5 @@ def vera_linear_backward(dout, cache, *, need_dd=True, need_db=True):
     dxA = dz * lambda_d  # (N, r)   Λ_d·Bᵀ·Λ_b·g, the gradient at a = A·x
     # 1. xA = xd @ A.T, and xd = x * mask: the gradient passes through the mask
     dxd = dxA @ A  # (N, d_in)   Aᵀ·(...)
-    dx += dxd
+    dx += dxd if mask is None else dxd * mask
     return dx.reshape(x.shape), d_lambda_d, d_lambda_b
