@@ -293,7 +293,9 @@ def nf4_base_bytes(cfg, double_quant=False, block_size=64):
     """Bytes of a lora_np model's base with its blocks' linear weights in NF4 (QLoRA), by formula:
     those weights at nf4_bits_per_parameter (4.5 bits, 4.127 with double quantization, Dettmers
     et al. 2023, Section 3), everything else (embeddings, head, biases, LayerNorms) in float32.
-    Each weight is padded to whole blocks, as it is stored (NF4Tensor.nbytes counts exactly)."""
+    Each weight is padded to whole blocks, as it is stored. With double quantization this is a
+    lower bound by a few bytes a weight (a float32 mean, a last partial group of scales), which
+    NF4Tensor.nbytes counts exactly."""
     from .nf4 import nf4_bits_per_parameter
 
     if not isinstance(cfg, ModelConfig):

@@ -8,9 +8,11 @@ same batches for every method at a given seed) run once per method and seed:
 
 each recording the validation loss on the new domain and the old one, the gap closed
 (L_base - L_method) / (L_base - L_full) against the full fine-tuning run of the same seed, the
-trainable numbers, the optimizer state and the time. Notebook 07 reads the results; the runs
-take a few minutes on two cores, too long for a notebook, so they are kept in
-notebooks/successors_results.json, rewritten by one command:
+trainable numbers, the optimizer state and the time (evaluations included). L_base is the
+float32 base for every method; QLoRA starts from its 4-bit copy, whose own loss ("start") is
+recorded beside it. Notebook 07 reads the results; the 24 runs take a few minutes on one idle
+core, too long for a notebook, so they are kept in notebooks/successors_results.json,
+rewritten by one command (with OPENBLAS_NUM_THREADS=1 on a shared machine):
 
     python -m lora_np successors
 
