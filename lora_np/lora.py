@@ -11,6 +11,11 @@ inference latency"), and `unmerge` takes it out again. Both return new dicts and
 inputs untouched, so the base weights are never lost; merging the result of a merge again
 would add ΔW twice, and nothing can tell a merged Params from a base one.
 
+LoRA's successors (LoraConfig.method "dora", "vera"; see lora_np.variants) name their arrays
+here too (adapter_names): DoRA adds a magnitude m (d_out,) to each A, B pair; VeRA trains two
+vectors per adapted weight on one frozen random pair per weight shape ("vera." names, never
+trained). merge and unmerge hand them, and a 4-bit base, to lora_np.variants.
+
 Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
 """
 
@@ -163,6 +168,8 @@ def merge(params, adapters, lora):
     Returns:
     - merged: a new Params; the adapted weights are new arrays, every other array is shared with
       params (never written to), and params and adapters are left untouched
+
+    (DoRA's W' = m ⊙ V/‖V‖, VeRA's W0 + Λ_b·B·Λ_d·A and a 4-bit base: lora_np.variants.merge_variant.)
     """
     check_adapters(params, adapters, lora)
     if lora.method != "lora" or is_quantized(params):  # DoRA's and VeRA's W' are not W0 + s·B·A
