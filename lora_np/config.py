@@ -69,7 +69,8 @@ class LoraConfig:
     """
 
     r: int = 4  # rank of ΔW = B·A
-    alpha: float = 4.0  # the paper's α; with s = α/r, changing r needs no retuning of the lr
+    alpha: float = 4.0  # the paper's α; dividing by r "helps to reduce the need to retune" the lr when r
+    #                     changes (Section 4.1), it does not remove it: notebook 02 (7d) measures the rest
     targets: tuple = ("W_q", "W_v")  # the paper's choice for GPT-3 (Section 7.1)
     dropout: float = 0.0  # inverted dropout on the input of A, training only
     init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default;

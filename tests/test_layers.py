@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lora_np.course.student import Spy, formed, spying
 from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.layers import (
     attention_backward,
@@ -58,12 +59,52 @@ def test_linear(N, d_in, d_out, bias, seed):
         assert db is None
 
 
-def test_linear_frozen_gradients_are_not_formed():
+# "Not formed" seen from inside: Spy (lora_np.course.student) is an ndarray that logs the shape
+# of every product and reduction computed from it. The sizes are distinct, so a logged shape says
+# which gradient it was: (d_out, d_in) can only be dW. Each test also runs with the flag on, where
+# the spy must see the product: a spy that saw nothing would prove nothing.
+N_, D_IN, D_OUT, R = 3, 5, 7, 2
+FLAGS = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def spies(rng, *shapes):
+    return [rng.normal(size=shape).view(Spy) for shape in shapes]
+
+
+@pytest.mark.parametrize("need_dW, need_db", FLAGS)
+def test_linear_frozen_gradients_are_never_formed(need_dW, need_db):
+    x, W, b, dout = spies(np.random.default_rng(0), (N_, D_IN), (D_OUT, D_IN), D_OUT, (N_, D_OUT))
+    _, cache = linear_forward(x, W, b)
+    with spying() as shapes:
+        dx, dW, db = linear_backward(dout, cache, need_dW=need_dW, need_db=need_db)
+    assert (dW is not None, db is not None) == (need_dW, need_db)
+    assert (formed(shapes, {(D_OUT, D_IN)}) is not None) == need_dW, f"need_dW={need_dW}, products {shapes}"
+    assert ((D_OUT,) in shapes) == need_db, f"need_db={need_db}, products and sums {shapes}"  # db = Σ_n g
+
+
+@pytest.mark.parametrize("need_dA, need_dB", FLAGS)
+def test_lora_linear_frozen_adapter_is_never_formed(need_dA, need_dB):
     rng = np.random.default_rng(0)
-    x, W, b = rng.normal(size=(3, 4)), rng.normal(size=(5, 4)), rng.normal(size=5)
-    out, cache = linear_forward(x, W, b)
-    dx, dW, db = linear_backward(np.ones_like(out), cache, need_dW=False, need_db=False)
-    assert dW is None and db is None and dx.shape == x.shape
+    x, W, b, A, B, dout = spies(rng, (N_, D_IN), (D_OUT, D_IN), D_OUT, (R, D_IN), (D_OUT, R), (N_, D_OUT))
+    _, cache = lora_linear_forward(x, W, b, A, B, 0.5)
+    with spying() as shapes:
+        dx, dA, dB = lora_linear_backward(dout, cache, need_dA=need_dA, need_dB=need_dB)
+    assert (dA is not None, dB is not None) == (need_dA, need_dB)
+    assert (formed(shapes, {(R, D_IN)}) is not None) == need_dA, f"need_dA={need_dA}, products {shapes}"
+    assert (formed(shapes, {(D_OUT, R)}) is not None) == need_dB, f"need_dB={need_dB}, products {shapes}"
+    assert formed(shapes, {(D_OUT, D_IN)}) is None, f"a d_out × d_in product was formed: {shapes}"  # B·A, dW0
+
+
+@pytest.mark.parametrize("need_dgamma, need_dbeta", FLAGS)
+def test_layernorm_frozen_gradients_are_never_formed(need_dgamma, need_dbeta):
+    # dgamma = Σ_n dout·xhat and dbeta = Σ_n dout are the only sums over positions, both (D,):
+    # their number tells how many were formed (dx's means are over D, shaped (N, 1)).
+    x, gamma, beta, dout = spies(np.random.default_rng(0), (N_, D_IN), D_IN, D_IN, (N_, D_IN))
+    _, cache = layernorm_forward(x, gamma, beta)
+    with spying() as shapes:
+        dx, dgamma, dbeta = layernorm_backward(dout, cache, need_dgamma=need_dgamma, need_dbeta=need_dbeta)
+    assert (dgamma is not None, dbeta is not None) == (need_dgamma, need_dbeta)
+    assert shapes.count((D_IN,)) == need_dgamma + need_dbeta, f"flags {need_dgamma, need_dbeta}, sums {shapes}"
 
 
 @given(
@@ -117,15 +158,6 @@ def test_lora_dropout_is_inverted_and_only_on_the_lora_input():
     # the LoRA branch off (B = 0): W0 = 1 sees the clean x, so nothing is dropped on its path
     out2, _ = lora_linear_forward(x, np.ones((1, 1)), b, A, np.zeros((1, 1)), 1.0, dropout=0.25, rng=rng)
     assert np.all(out2 == 1.0)
-
-
-def test_lora_linear_frozen_adapter_not_formed():
-    rng = np.random.default_rng(0)
-    x, W = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
-    A, B = rng.normal(size=(2, 4)), rng.normal(size=(5, 2))
-    out, cache = lora_linear_forward(x, W, None, A, B, 1.0)
-    dx, dA, dB = lora_linear_backward(np.ones_like(out), cache, need_dA=False, need_dB=False)
-    assert dA is None and dB is None and dx.shape == x.shape
 
 
 @given(n_rows=dims, D=dims, B=dims, T=dims, seed=seeds)
@@ -237,6 +269,34 @@ def test_cross_entropy(B, T, V, scale, seed):
     loss, cache = cross_entropy_forward(logits, targets)
     dlogits = cross_entropy_backward(1.0, cache)
     check("dlogits", dlogits, lambda: cross_entropy_forward(logits, targets)[0], logits, 1.0)
+
+
+def ce_case(seed=7):
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.normal(size=(2, 3, 5))
+    targets = rng.integers(0, 5, size=(2, 3))
+    return logits, targets
+
+
+@pytest.mark.parametrize("dloss", [0.37, -2.0])
+def test_cross_entropy_scales_by_dloss(dloss):
+    """Above, dloss is always 1.0, which a backward that ignores dloss passes too."""
+    logits, targets = ce_case()
+    _, cache = cross_entropy_forward(logits, targets)
+    dlogits = cross_entropy_backward(dloss, cache)
+    check("dlogits", dlogits, lambda: cross_entropy_forward(logits, targets)[0], logits, dloss)
+
+
+def test_cross_entropy_backward_leaves_its_cache_alone():
+    """Two backwards through one cache agree, and the cached probabilities are unchanged."""
+    logits, targets = ce_case()
+    _, cache = cross_entropy_forward(logits, targets)
+    before = [a.copy() for a in cache]
+    first = cross_entropy_backward(0.37, cache)
+    second = cross_entropy_backward(0.37, cache)
+    np.testing.assert_array_equal(second, first)
+    for name, a, b in zip(("probs", "targets"), cache, before, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"cross_entropy_backward changed the cached {name}")
 
 
 def test_cross_entropy_known_values():
