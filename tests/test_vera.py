@@ -2,7 +2,7 @@
 
 Gradients are checked at lambda_b ≠ 0. At lambda_b = 0 (VeRA's init) ∂L/∂lambda_d is exactly
 zero, since the gradient reaches lambda_d only through Λ_b: a check of it there would pass
-vacuously (STYLE.md rule 8), so that case is a test of its own, asserting the exact zero.
+vacuously, so that case is a test of its own, asserting the exact zero.
 
 Step size: the layer is affine in x, in lambda_d and in lambda_b, each taken alone, so the centered
 difference has no truncation error at any step. A step of 1 (not gradcheck's 1e-5) leaves only
