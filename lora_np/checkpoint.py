@@ -2,19 +2,28 @@
 
 A file holds its arrays and one extra entry, "__meta__", the UTF-8 bytes of a JSON object:
 the format version, what the file holds ("params" or "adapters"), the ModelConfig, the
-fingerprint of its own arrays, and for adapters the LoraConfig (scaling convention included)
-and the fingerprint of the base weights the adapter was trained on. Loading uses allow_pickle=False and never executes
-anything from the file; every way a file can fail to fit raises CheckpointError (a
-ValueError) that names the file and what does not fit.
+fingerprint of its own arrays, for params the record of adapters merged into them
+(Params.merged_adapters), and for adapters the LoraConfig (scaling convention included) and the
+fingerprints of the base weights the adapter was trained on. "meta_fingerprint" covers all the
+rest of the metadata (config, LoraConfig, version, the array fingerprints), so an edit to
+n_heads or alpha is refused rather than silently changing the math. Both fingerprints guard
+against accidents (a hand edit, a bad disk), not forgery: anyone can recompute them.
+
+Loading uses allow_pickle=False, refuses compressed members (np.savez stores them; a deflated
+member of 260 KiB can expand to 560 MB) and never executes anything from the file; every way a
+file can fail to fit raises CheckpointError (a ValueError) that names the file and what does
+not fit. Version 1 files, whose metadata was not fingerprinted, are refused, not trusted.
 
 Writes are atomic: the file is written under a temporary name in the same folder, flushed to
 disk, then renamed over the target, so a crash mid-write leaves the previous file intact.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -26,8 +35,9 @@ from .lora import adapter_names, check_adapters, check_rank
 from .nf4 import NF4Tensor
 from .params import Params, check_params, param_shapes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata is fingerprinted too, and adapters carry base_fingerprint_f32
 META = "__meta__"
+_COMPRESSION = {zipfile.ZIP_DEFLATED: "deflated", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 MAX_ARRAYS = 100_000  # far beyond any model this package trains; bounds the work of a hostile config
 
 
@@ -35,53 +45,105 @@ class CheckpointError(ValueError):
     """A file that cannot be loaded as what was asked for; the message names the file."""
 
 
-def fingerprint(params):
+def fingerprint(params, round_to_float32=False):
     """SHA-256 of every parameter's name, shape and values, as a hex string.
 
     Values are hashed as little-endian float64, so a float32 base and its (exact) float64
-    copy share a fingerprint; any change to any weight changes it.
+    copy share a fingerprint; any change to any weight changes it. With round_to_float32, each
+    value is first rounded to float32: a float64 base and its float32 cast then share one.
     """
     h = hashlib.sha256()
     for name in sorted(params):
         a = params[name]
         a = a.dequantize() if isinstance(a, NF4Tensor) else a  # a 4-bit base: the weights it computes with
+        a = np.asarray(a, dtype="<f4") if round_to_float32 else a
         a = np.ascontiguousarray(a, dtype="<f8")
         h.update(f"{name}:{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
 
 
+STALE_SECONDS = 3600  # a temporary file this old is a save that was killed, not one in progress
+
+
+def _temp_prefix(path):
+    """The prefix ".{name}.{hash}." of the temporary files of `path`: at most 51 characters whatever the
+    length of the name (NAME_MAX is 255), recognizable by eye, and distinct for each target."""
+    return f".{path.name[:40]}.{hashlib.sha256(path.name.encode()).hexdigest()[:8]}."
+
+
+def _remove_stale_temporaries(path):
+    """Remove temporary files of `path` older than STALE_SECONDS, left by a save that was killed
+    (SIGKILL, a power cut: nothing runs to clean up). Only `path`'s own (prefix, 8 random
+    characters, ".tmp"); a younger one may be a save in progress and is left alone."""
+    prefix = _temp_prefix(path)
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for e in entries:
+            if e.name.startswith(prefix) and e.name.endswith(".tmp") and len(e.name) == len(prefix) + 12:
+                with contextlib.suppress(OSError):
+                    if time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                        os.unlink(e.path)
+
+
 def write_atomic(path, write):
     """Create or replace the file `path` atomically: `write(f)` fills a temporary file in the same
     folder (f is a binary file object), which is flushed to disk and then renamed over `path`.
-    Readers see the old file or the new one, never half of one; if `write` fails, the old file is
-    untouched and the temporary file is removed. The new file gets the usual permissions (0o666
-    minus the umask), not mkstemp's private 0o600. Used for every file the package writes.
+    Readers see the old file or the new one, never half of one. If `write` fails or is
+    interrupted (an exception, KeyboardInterrupt, SystemExit), the old file is untouched and the
+    temporary file is removed; a process killed outright (SIGKILL) leaves its temporary file,
+    ".{name}.{hash}.{random}.tmp", which the next save of the same path removes once it is an
+    hour old. A replaced file keeps its permission bits; a new one gets the usual permissions
+    (0o666 minus the umask), not mkstemp's private 0o600. Used for every file the package writes.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"path's folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    _remove_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    except OSError as e:  # its message would name the temporary file, which the caller never chose
+        message = f"cannot save {path}: no new file can be created in its folder {path.parent} ({e.strerror or e})"
+        raise (type(e)(e.errno, message) if e.errno else type(e)(message)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return path
+
+
+def _mode_for(path):
+    """The permission bits of the file `path` replaces, or 0o666 minus the umask for a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _meta_digest(meta):
+    """SHA-256 of the metadata's canonical JSON (sorted keys), "meta_fingerprint" itself left out."""
+    rest = {k: v for k, v in meta.items() if k != "meta_fingerprint"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def sign(meta):
+    """The metadata with its "meta_fingerprint" (re)computed."""
+    return {**meta, "meta_fingerprint": _meta_digest(meta)}
 
 
 def _write_npz(path, arrays, meta):
     if Path(path).suffix != ".npz":
         raise ValueError(f"path must end in .npz, got {str(path)!r}")
     payload = dict(arrays)
-    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    payload[META] = np.frombuffer(json.dumps(sign(meta), sort_keys=True).encode(), dtype=np.uint8)
     return write_atomic(path, lambda f: np.savez(f, **payload))
 
 
@@ -92,13 +154,19 @@ def _check_finite(name, arrays):
 
 
 def save_params(path, params):
-    """Write a Params (its arrays and ModelConfig) to `path` (.npz), atomically."""
+    """Write a Params (its arrays, ModelConfig and merged_adapters) to `path` (.npz), atomically.
+
+    Merged params are saved as they are, with the record of the adapters merged into them, so
+    that after load_params, merging those adapters again is still refused and unmerging them
+    still works.
+    """
     check_params(params)  # a file its own loader would refuse is never written
     _check_finite("params", params)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "params",
         "model_config": vars(params.config),
+        "merged_adapters": list(params.merged_adapters),
         "fingerprint": fingerprint(params),  # checked on load: the weights are the ones saved
     }
     return _write_npz(path, params, meta)
@@ -116,6 +184,8 @@ def save_adapters(path, adapters, lora, base_params):
         "lora_config": {**vars(lora), "targets": list(lora.targets), "scaling": lora.scaling},
         "fingerprint": fingerprint(adapters),  # checked on load: the arrays are the ones saved
         "base_fingerprint": fingerprint(base_params),
+        # the same base in float32 (or in float64, trained in float32) is accepted: see load_adapters
+        "base_fingerprint_f32": fingerprint(base_params, round_to_float32=True),
     }
     return _write_npz(path, adapters, meta)
 
@@ -140,6 +210,13 @@ def _open(path, kind):
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path}: a single .npy array, not an .npz archive")
         with z:
+            for info in z.zip.infolist():  # before any member is read
+                if info.compress_type != zipfile.ZIP_STORED:
+                    method = _COMPRESSION.get(info.compress_type, f"method {info.compress_type}")
+                    raise CheckpointError(
+                        f"{path}: member {info.filename} is compressed ({method}); lora_np files store their "
+                        f"arrays uncompressed (np.savez), and a compressed member can expand to any size"
+                    )
             members = z.zip.namelist()
             if sorted(members) != sorted(name + ".npy" for name in z.files):
                 raise CheckpointError(f"{path}: every member of a lora_np archive is an .npy array, got {members[:4]}")
@@ -158,8 +235,16 @@ def _open(path, kind):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        why = ": version 1 did not fingerprint its metadata; load it with lora_np 1.x and save it again"
         raise CheckpointError(
-            f"{path}: format_version {meta.get('format_version')!r} is not supported (this is version {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported (this is version {FORMAT_VERSION})"
+            + (why if version == 1 else "")
+        )
+    if meta.get("meta_fingerprint") != _meta_digest(meta):
+        raise CheckpointError(
+            f"{path}: the metadata do not match the fingerprint stored with them (stored "
+            f"{str(meta.get('meta_fingerprint'))[:12]!s}, computed {_meta_digest(meta)[:12]}): edited by hand?"
         )
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path}: holds {meta.get('kind')!r}, expected {kind!r}")
@@ -229,7 +314,10 @@ def load_params(path):
     cfg = _config(path, ModelConfig, meta.get("model_config"))
     # W_e, W_p, ln_f.gamma, ln_f.beta, W_u, and 16 arrays a block
     arrays = _read_arrays(path, 5 + 16 * cfg.n_layers, lambda: param_shapes(cfg))
-    params = Params(cfg, arrays)
+    merged = meta.get("merged_adapters")
+    if not isinstance(merged, list) or not all(isinstance(k, str) for k in merged):
+        raise CheckpointError(f"{path}: merged_adapters must be a list of fingerprints, got {merged!r:.80}")
+    params = Params(cfg, arrays, merged)
     if meta.get("fingerprint") != fingerprint(params):
         raise CheckpointError(f"{path}: the weights do not match the fingerprint stored with them")
     return params
@@ -240,7 +328,11 @@ def load_adapters(path, base_params=None):
 
     With base_params, also checks that they are the weights the adapter was trained on
     (same config, same fingerprint): an adapter applied to another base is meaningless. The
-    adapters are then returned in the base's dtype (model_forward requires one dtype).
+    same base in another precision is the same base: base_params is accepted when its values
+    rounded to float32 equal the training base's rounded to float32 (a float64 base and its
+    float32 cast, either way round; two float64 bases that differ only below float32's
+    precision pass too). The adapters are then returned in the base's dtype (model_forward
+    requires one dtype).
 
     Returns:
     - adapters: dict name -> array
@@ -269,7 +361,8 @@ def load_adapters(path, base_params=None):
     if base_params is not None:
         if base_params.config != cfg:
             raise CheckpointError(f"{path}: adapter is for {cfg}, but the base model is {base_params.config}")
-        if meta.get("base_fingerprint") != fingerprint(base_params):
+        same = meta.get("base_fingerprint") == fingerprint(base_params)
+        if not same and meta.get("base_fingerprint_f32") != fingerprint(base_params, round_to_float32=True):
             raise CheckpointError(
                 f"{path}: adapter was trained on base weights with fingerprint "
                 f"{str(meta.get('base_fingerprint'))[:12]}..., these have {fingerprint(base_params)[:12]}...; "

@@ -8,8 +8,10 @@ For every adapted weight W0 (d_out, d_in) of every block, an adapter is the pair
 so that ΔW = s·B·A is zero at the start and the adapted model is exactly the pretrained one.
 After training, `merge` folds ΔW into W0 (W' = W0 + s·B·A, Section 4.1: "no additional
 inference latency"), and `unmerge` takes it out again. Both return new dicts and leave their
-inputs untouched, so the base weights are never lost; merging the result of a merge again
-would add ΔW twice, and nothing can tell a merged Params from a base one.
+inputs untouched, so the base weights are never lost. Nothing in a merged weight says that ΔW
+is in it, so the Params records it (Params.merged_adapters): merging the same adapters twice,
+or unmerging adapters that were never merged, is refused instead of adding or subtracting ΔW
+a second time.
 
 LoRA's successors (LoraConfig.method "dora", "vera"; see lora_np.variants) name their arrays
 here too (adapter_names): DoRA adds a magnitude m (d_out,) to each A, B pair; VeRA trains two
@@ -167,7 +169,8 @@ def merge(params, adapters, lora):
 
     Returns:
     - merged: a new Params; the adapted weights are new arrays, every other array is shared with
-      params (never written to), and params and adapters are left untouched
+      params (never written to), and params and adapters are left untouched. It records the
+      adapters as merged (merged.merged_adapters); merging them into it again is a ValueError.
 
     (DoRA's W' = m ⊙ V/‖V‖, VeRA's W0 + Λ_b·B·Λ_d·A and a 4-bit base: lora_np.variants.merge_variant.)
     """
@@ -176,7 +179,8 @@ def merge(params, adapters, lora):
         from lora_np.variants import merge_variant
 
         return merge_variant(params, adapters, lora)
-    merged = params.copy()  # shallow: arrays LoRA does not adapt are shared, adapted ones replaced
+    # params.copy() that also records these adapters as merged, and refuses them if they already are
+    merged = params.with_merged(adapters, lora)  # shallow: arrays LoRA does not adapt are shared
     for l in range(params.config.n_layers):
         for t in lora.targets:
             name = f"blocks.{l}.{t}"
@@ -194,13 +198,14 @@ def unmerge(merged, adapters, lora, norms=None):
 
     Inputs and Returns as in merge, with `merged` in place of params. `norms` only for DoRA,
     whose merged weight has lost the norms it needs (lora_np.variants.dora_norms explains).
+    Adapters that merge did not fold into `merged` are refused (ValueError), not subtracted.
     """
     check_adapters(merged, adapters, lora)
     if lora.method != "lora":
         from lora_np.variants import unmerge_variant
 
         return unmerge_variant(merged, adapters, lora, norms)
-    params = merged.copy()
+    params = merged.without_merged(adapters, lora)  # merged.copy(), minus these adapters in its record
     for l in range(merged.config.n_layers):
         for t in lora.targets:
             name = f"blocks.{l}.{t}"

@@ -12,6 +12,7 @@ All parameters live in one flat dict keyed by the names of the literature:
     ln_f.gamma, ln_f.beta (D,)   W_u (V, D)
 """
 
+import hashlib
 from numbers import Integral
 
 import numpy as np
@@ -21,26 +22,67 @@ from .nf4 import NF4Tensor
 
 
 class Params(dict):
-    """A dict name -> array that also carries the ModelConfig it was built for.
+    """A dict name -> array that also carries the ModelConfig it was built for, and a record of
+    the adapters merged into its weights.
 
     The config rides along because one number, n_heads, cannot be read off the arrays'
     shapes, and model_forward(params, tokens) has no other place to get it from. A plain
     dict built from a Params (e.g. by a dict comprehension) loses it; wrap it again with
     Params(cfg, arrays).
+
+    merged_adapters is a tuple of fingerprints (adapters_fingerprint) of the adapters that
+    lora_np's merge has folded into these weights, oldest first: () for a base from init_params
+    or load_params. Nothing in a merged weight says that ΔW is already in it, so without this
+    record merging twice would add ΔW twice and unmerging a base would subtract it; merge and
+    unmerge consult it (with_merged, without_merged) and refuse both. copy() keeps it; a Params
+    rebuilt by hand, Params(cfg, arrays), starts with none.
     """
 
-    def __init__(self, config, arrays):
+    def __init__(self, config, arrays, merged_adapters=()):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         super().__init__(arrays)
         self.config = config
+        self.merged_adapters = tuple(merged_adapters)
 
     def copy(self):
-        return Params(self.config, self)
+        return Params(self.config, self, self.merged_adapters)
+
+    def with_merged(self, adapters, lora):
+        """A shallow copy (as copy()) that records `adapters` as merged; ValueError if they already are."""
+        key = adapters_fingerprint(adapters, lora)
+        if key in self.merged_adapters:
+            raise ValueError(f"adapters (fingerprint {key[:12]}..., {lora}) are already merged into params: "
+                             f"merging them again would add ΔW twice")  # fmt: skip
+        return Params(self.config, self, self.merged_adapters + (key,))
+
+    def without_merged(self, adapters, lora):
+        """A shallow copy (as copy()) without `adapters` in its record; ValueError if they are not in it."""
+        key = adapters_fingerprint(adapters, lora)
+        if key not in self.merged_adapters:
+            raise ValueError(f"adapters (fingerprint {key[:12]}..., {lora}) were not merged into merged (it holds "
+                             f"{len(self.merged_adapters)} merged adapters): unmerging them would subtract ΔW "
+                             f"from weights that do not hold it")  # fmt: skip
+        kept = list(self.merged_adapters)
+        kept.remove(key)
+        return Params(self.config, self, kept)
 
     def __repr__(self):
         n = sum(a.size for a in self.values())
-        return f"Params({self.config}, {len(self)} arrays, {n:,} numbers)"
+        merged = len(self.merged_adapters)
+        record = f", {merged} merged adapter{'s' if merged > 1 else ''}" if merged else ""
+        return f"Params({self.config}, {len(self)} arrays, {n:,} numbers{record})"
+
+
+def adapters_fingerprint(adapters, lora):
+    """SHA-256 (hex) of a LoraConfig and its adapters' names, dtypes, shapes and values: what
+    Params.merged_adapters records. The same numbers under another alpha are another ΔW."""
+    h = hashlib.sha256(repr(lora).encode())
+    for name in sorted(adapters):
+        a = np.ascontiguousarray(adapters[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")  # the blocks' linear weights (QLoRA quantizes these)

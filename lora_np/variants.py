@@ -28,7 +28,7 @@ from .config import LoraConfig
 from .dora import dora_merge, dora_unmerge, dora_weight_norm
 from .lora import VERA_SHARED, check_adapters, init_lora, trainable_adapters, vera_shared
 from .nf4 import NF4Tensor, quantize_nf4
-from .params import QUANTIZABLE, Params, check_params, check_seed
+from .params import QUANTIZABLE, check_params, check_seed
 from .pissa import pissa_factors
 from .vera import VERA_D_INIT, vera_shared_init
 
@@ -115,10 +115,12 @@ def dora_norms(params, adapters, lora):
 
 def merge_variant(params, adapters, lora):
     """W' for DoRA (m ⊙ V/‖V‖), VeRA (W0 + Λ_b·B·Λ_d·A) or LoRA on a quantized base (W0 dequantized
-    + s·B·A, in the compute dtype: the merged model is not re-quantized). Returns a new Params."""
+    + s·B·A, in the compute dtype: the merged model is not re-quantized). Returns a new Params that
+    records the adapters as merged; adapters already merged into params are refused (ValueError)."""
     check_adapters(params, adapters, lora)
     cfg = params.config
-    merged = Params(cfg, {k: _weight(params, k) for k in params})  # a quantized base is dequantized
+    merged = params.with_merged(adapters, lora)  # a copy with its record; refuses adapters merged before
+    merged.update({k: _weight(params, k) for k in params})  # a quantized base is dequantized
     for name, t in _adapted(cfg, lora):
         W0 = merged[name]
         if lora.method == "dora":
@@ -135,13 +137,14 @@ def merge_variant(params, adapters, lora):
 
 def unmerge_variant(merged, adapters, lora, norms=None):
     """The inverse of merge_variant. DoRA needs `norms` = dora_norms(base, adapters, lora), taken
-    before merging: the merged weight cannot give them back."""
+    before merging: the merged weight cannot give them back. Adapters that were not merged into
+    `merged` are refused (ValueError)."""
     check_adapters(merged, adapters, lora)
     cfg = merged.config
     if lora.method == "dora" and (not isinstance(norms, dict) or set(norms) != {n for n, _ in _adapted(cfg, lora)}):
         raise ValueError("unmerging DoRA needs norms = lora_np.variants.dora_norms(base, adapters, lora), taken "
                          "before merging: W' = m ⊙ V/‖V‖ keeps V's direction but not its norm")  # fmt: skip
-    params = merged.copy()
+    params = merged.without_merged(adapters, lora)  # refuses adapters that were never merged
     for name, t in _adapted(cfg, lora):
         W = merged[name]
         if lora.method == "dora":

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import re
+import time
 import zipfile
 
 import numpy as np
@@ -10,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_np.checkpoint as ckpt
-from lora_np import LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
+from lora_np import LoraConfig, ModelConfig, cast, init_lora, init_params, merge, model_forward, unmerge
 from lora_np.checkpoint import CheckpointError, load_adapters, load_params, save_adapters, save_params
 
 CFG = ModelConfig(vocab_size=7, context_length=6, d_model=8, n_heads=2, n_layers=1, d_mlp=12)
@@ -48,11 +51,16 @@ def test_float32_round_trip(tmp_path):
 
 
 def _rewrite(path, mutate):
-    """Load a file's raw entries, let `mutate` change them, write them back (bypassing the saver)."""
+    """Load a file's raw entries, let `mutate` change them, write them back (bypassing the saver).
+
+    The metadata's fingerprint is recomputed after the edit (a forgery, which anyone can make), so
+    that the checks behind it are exercised; tests/test_hostile_files.py edits without it.
+    """
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["__meta__"].tobytes())
+    meta = json.loads(arrays.pop("__meta__").tobytes())
     mutate(arrays, meta)
+    meta = ckpt.sign(meta)
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(path, **arrays)
 
@@ -87,7 +95,7 @@ def test_missing_or_extra_array(saved):
 def test_unknown_format_version(saved):
     d, _, _ = saved
     _rewrite(d / "base.npz", lambda a, m: m.update(format_version=99))
-    with pytest.raises(CheckpointError, match=r"base\.npz: format_version 99 is not supported \(this is version 1\)"):
+    with pytest.raises(CheckpointError, match=r"base\.npz: format_version 99 is not supported \(this is version 2\)"):
         load_params(d / "base.npz")
 
 
@@ -287,3 +295,148 @@ def test_written_files_get_ordinary_permissions(saved):
     umask = os.umask(0)
     os.umask(umask)
     assert (d / "base.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------
+# saving: temporary files, interrupted saves, long names, permissions (issue 12, item 4)
+
+
+def _temp_names(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def _capture_temp_name(monkeypatch, target):
+    """The name of the temporary file a save of `target` writes to."""
+    seen, before = [], set(os.listdir(target.parent))
+    real = ckpt.np.savez
+
+    def spy(f, **arrays):
+        seen.extend(set(os.listdir(target.parent)) - before)  # the file being written
+        real(f, **arrays)
+
+    monkeypatch.setattr(ckpt.np, "savez", spy)
+    save_params(target, init_params(CFG, 0))
+    monkeypatch.setattr(ckpt.np, "savez", real)
+    assert len(seen) == 1, seen
+    return seen[0]
+
+
+def test_the_temporary_name_is_short_and_names_its_target(tmp_path, monkeypatch):
+    target = tmp_path / ("b" * 200 + ".npz")
+    name = _capture_temp_name(monkeypatch, target)
+    assert name.startswith("." + "b" * 40 + ".") and name.endswith(".tmp") and len(name) <= 80, name
+    assert _capture_temp_name(monkeypatch, tmp_path / "base.npz").startswith(".base.npz.")
+
+
+def test_a_250_byte_file_name_can_be_saved(tmp_path):
+    path = tmp_path / ("x" * 246 + ".npz")  # 250 bytes, legal under NAME_MAX = 255
+    save_params(path, init_params(CFG, 0))
+    load_params(path)
+    assert _temp_names(tmp_path) == []
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit, MemoryError])
+def test_an_interrupt_during_the_write_removes_the_temporary_file(saved, monkeypatch, interrupt):
+    d, _, _ = saved
+    before = (d / "base.npz").read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise interrupt("stop")
+
+    monkeypatch.setattr(ckpt.np, "savez", crash)
+    with pytest.raises(interrupt):
+        save_params(d / "base.npz", init_params(CFG, 5))
+    assert (d / "base.npz").read_bytes() == before
+    assert _temp_names(d) == []
+
+
+def test_stale_temporaries_of_the_same_target_are_removed(tmp_path, monkeypatch):
+    """A save killed by SIGKILL leaves its temporary file; the next save of the same target removes
+    it once it is an hour old (younger ones may be another save in progress), and never touches
+    another target's temporaries."""
+    name = _capture_temp_name(monkeypatch, tmp_path / "base.npz")
+    other = _capture_temp_name(monkeypatch, tmp_path / "other.npz")
+    hour_ago = time.time() - ckpt.STALE_SECONDS - 60
+    stale = tmp_path / (name[:-12] + "killed01.tmp")
+    fresh = tmp_path / (name[:-12] + "running1.tmp")
+    stale_other = tmp_path / (other[:-12] + "killed02.tmp")
+    lookalike = tmp_path / ".base.npz.tmp"  # not of lora_np's pattern: never ours to remove
+    for p in (stale, fresh, stale_other, lookalike):
+        p.write_bytes(b"half a save")
+    for p in (stale, stale_other, lookalike):
+        os.utime(p, (hour_ago, hour_ago))
+    save_params(tmp_path / "base.npz", init_params(CFG, 0))
+    assert _temp_names(tmp_path) == sorted([fresh.name, stale_other.name, lookalike.name])
+
+
+def test_resaving_keeps_the_permission_bits_of_the_existing_file(saved):
+    d, params, _ = saved
+    os.chmod(d / "base.npz", 0o600)
+    save_params(d / "base.npz", params)
+    assert (d / "base.npz").stat().st_mode & 0o777 == 0o600
+    os.chmod(d / "base.npz", 0o640)
+    save_params(d / "base.npz", params)
+    assert (d / "base.npz").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_folder_that_refuses_new_files_is_named_with_the_target(tmp_path, monkeypatch):
+    """As root, permissions are not enforced; mkstemp's PermissionError is simulated."""
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".base.npz.abcdefgh.tmp"))
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    target = tmp_path / "base.npz"
+    with pytest.raises(
+        PermissionError,
+        match=rf"cannot save {re.escape(str(target))!s}: no new file can be created "
+        rf"in its folder {re.escape(str(tmp_path))}.*Permission denied",
+    ):
+        save_params(target, init_params(CFG, 0))
+
+
+# ----------------------------------------------------------------------------
+# a float32 cast of the base the adapter was trained on (issue 12, item 5)
+
+
+def test_adapters_trained_in_float64_load_on_the_float32_cast_of_their_base(saved):
+    d, params, adapters = saved
+    p32 = cast(params, np.float32)
+    loaded, lora = load_adapters(d / "adapter.npz", p32)
+    assert all(v.dtype == np.float32 for v in loaded.values())
+    np.testing.assert_array_equal(loaded["blocks.0.W_q.B"], adapters["blocks.0.W_q.B"].astype(np.float32))
+    with pytest.raises(CheckpointError, match=r"it belongs to a different base model"):
+        load_adapters(d / "adapter.npz", cast(init_params(CFG, 1), np.float32))
+
+
+def test_adapters_trained_on_a_float32_cast_load_on_its_float64_original(saved):
+    d, params, adapters = saved
+    p32 = cast(params, np.float32)  # float32(x) != x: not the same values as params
+    assert not np.array_equal(p32["W_e"].astype(np.float64), params["W_e"])
+    save_adapters(d / "a32.npz", cast(adapters, np.float32), LORA, p32)
+    loaded, _ = load_adapters(d / "a32.npz", params)
+    assert all(v.dtype == np.float64 for v in loaded.values())
+    with pytest.raises(CheckpointError, match=r"it belongs to a different base model"):
+        load_adapters(d / "a32.npz", init_params(CFG, 1))
+    nudged = params.copy()
+    nudged["W_e"] = params["W_e"] + 1e-3  # more than float32 rounding: another base
+    with pytest.raises(CheckpointError, match=r"it belongs to a different base model"):
+        load_adapters(d / "a32.npz", nudged)
+
+
+# ----------------------------------------------------------------------------
+# merged params on disk (issue 12, item 6): the record of what was merged is saved with them
+
+
+def test_merged_params_keep_their_record_through_a_save(saved):
+    d, params, adapters = saved
+    merged = merge(params, adapters, LORA)
+    save_params(d / "merged.npz", merged)
+    loaded = load_params(d / "merged.npz")
+    assert loaded.merged_adapters == merged.merged_adapters and len(loaded.merged_adapters) == 1
+    with pytest.raises(ValueError, match=r"already merged"):
+        merge(loaded, adapters, LORA)
+    back = unmerge(loaded, adapters, LORA)
+    np.testing.assert_allclose(back["blocks.0.W_q"], params["blocks.0.W_q"], rtol=0, atol=1e-15)
+    assert load_params(d / "base.npz").merged_adapters == ()

@@ -1,6 +1,7 @@
 """LoRA's invariants, each a property test over drawn shapes, ranks, targets and values."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,3 +195,94 @@ def test_lora_init_distributions():
             else:
                 assert np.abs(A).max() <= 1 / np.sqrt(d_in)
                 assert abs(A.std() * np.sqrt(3 * d_in) - 1.0) < 0.02  # U(-a, a) has std a/sqrt(3)
+
+
+# ----------------------------------------------------------------------------
+# merging twice, unmerging what was never merged: refused (issue 12, item 6)
+
+MERGE_CFG = ModelConfig(vocab_size=7, context_length=6, d_model=8, n_heads=2, n_layers=2, d_mlp=12)
+
+
+def _trained(lora, seed):
+    from lora_np.variants import init_adapters
+
+    base, adapters = init_adapters(init_params(MERGE_CFG, 0), lora, seed)
+    rng = np.random.default_rng(seed)
+    return base, {k: v + 0.1 * rng.normal(size=v.shape) for k, v in adapters.items()}
+
+
+METHODS = {
+    "lora": LoraConfig(r=2, alpha=3.0, targets=("W_q", "W_1")),
+    "dora": LoraConfig(r=2, targets=("W_q", "W_1"), method="dora"),
+    "vera": LoraConfig(r=2, targets=("W_q", "W_1"), method="vera"),
+    "qlora": LoraConfig(r=2, targets=("W_q", "W_1"), base_quant="nf4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_merging_the_same_adapters_twice_is_refused(name):
+    lora = METHODS[name]
+    base, adapters = _trained(lora, 1)
+    assert base.merged_adapters == ()
+    merged = merge(base, adapters, lora)
+    assert len(merged.merged_adapters) == 1 and base.merged_adapters == ()  # pure: base is unchanged
+    with pytest.raises(
+        ValueError,
+        match=r"adapters \(fingerprint [0-9a-f]{12}\.\.\., LoraConfig\(.*\) are already "
+        r"merged into params: merging them again would add ΔW twice",
+    ):
+        merge(merged, adapters, lora)
+    with pytest.raises(ValueError, match=r"already merged"):
+        merge(merged.copy(), {k: v.copy() for k, v in adapters.items()}, lora)  # the same numbers, new arrays
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unmerging_adapters_that_were_not_merged_is_refused(name):
+    lora = METHODS[name]
+    base, adapters = _trained(lora, 1)
+    norms = None
+    if lora.method == "dora":
+        from lora_np.variants import dora_norms
+
+        norms = dora_norms(base, adapters, lora)
+    with pytest.raises(
+        ValueError,
+        match=r"adapters \(fingerprint [0-9a-f]{12}\.\.\., LoraConfig\(.*\) were not "
+        r"merged into merged \(it holds 0 merged adapters\): unmerging them would "
+        r"subtract ΔW",
+    ):
+        unmerge(base, adapters, lora, norms)
+    back = unmerge(merge(base, adapters, lora), adapters, lora, norms)
+    assert back.merged_adapters == ()
+    with pytest.raises(ValueError, match=r"were not merged"):
+        unmerge(back, adapters, lora, norms)  # unmerging twice
+
+
+def test_different_adapters_merge_one_after_the_other_and_unmerge_in_any_order():
+    lora = METHODS["lora"]
+    base, a1 = _trained(lora, 1)
+    _, a2 = _trained(lora, 2)
+    other_alpha = LoraConfig(r=2, alpha=5.0, targets=("W_q", "W_1"))
+    both = merge(merge(base, a1, lora), a2, lora)
+    assert len(both.merged_adapters) == 2
+    merge(both, a1, other_alpha)  # the same arrays under another scaling are another ΔW
+    with pytest.raises(ValueError, match=r"it holds 2 merged adapters"):
+        unmerge(both, a1, other_alpha)
+    back = unmerge(unmerge(both, a1, lora), a2, lora)
+    assert back.merged_adapters == ()
+    np.testing.assert_allclose(back["blocks.0.W_q"], base["blocks.0.W_q"], rtol=0, atol=1e-15)
+
+
+def test_a_merged_params_is_a_params_everywhere():
+    from lora_np.params import check_params
+
+    lora = METHODS["lora"]
+    base, adapters = _trained(lora, 1)
+    merged = merge(base, adapters, lora)
+    check_params(merged)
+    tokens = np.array([[1, 2, 3]])
+    logits, cache = model_forward(merged, tokens)
+    np.testing.assert_allclose(logits, model_forward(base, tokens, adapters, lora)[0], rtol=1e-12, atol=1e-12)
+    assert set(model_backward(np.ones_like(logits), cache)) == set(base)
+    assert merged.copy().merged_adapters == merged.merged_adapters
+    assert "1 merged adapter" in repr(merged)
