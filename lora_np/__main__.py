@@ -13,9 +13,11 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from .cli import Parser, check_out_dir, fail
 from .config import LORA_TARGETS
 
 
@@ -23,7 +25,7 @@ def demo_parser(prog):
     from .demo import DemoConfig
 
     d = DemoConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Pretrain a tiny GPT on plain word order, then fine-tune it on Yoda's word order "
         "two ways (every weight, and LoRA) from the same weights and batches, and compare.",
@@ -68,6 +70,11 @@ def run_demo(argv, prog):
 
     parser = demo_parser(prog)
     a = parser.parse_args(argv)
+    try:  # the output folder and its cache folder, before any work (the cache is written first)
+        check_out_dir("--out", a.out)
+        check_out_dir("--out's cache folder", str(Path(a.out) / "cache"))
+    except ValueError as e:
+        fail(prog, str(e))
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
     try:
         cfg = DemoConfig(steps=a.steps, pretrain_steps=a.pretrain_steps, rank=a.rank, alpha=a.alpha,
@@ -89,12 +96,16 @@ def run_figures(argv, prog):
     from .diagrams import save_diagrams
     from .figures import FIGURES, make_all
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{prog} figures", description="Regenerate every figure (PNG) and the LoRA layer diagrams (PNG, SVG)."
     )
     p.add_argument("--out", default="figures", help="output folder (default figures)")
     p.add_argument("names", nargs="*", help=f"only these figures (no diagrams), from: {', '.join(FIGURES)}")
     a = p.parse_args(argv)
+    try:
+        check_out_dir("--out", a.out)
+    except ValueError as e:
+        fail(f"{prog} figures", str(e))
     try:
         written = list(make_all(a.out, a.names or None))
         if not a.names:  # a full run also redraws the layer diagrams (a second or two)
@@ -110,7 +121,7 @@ def run_check(argv, prog):
     from . import LoraConfig, ModelConfig, init_lora, init_params, model_backward, model_forward
     from .gradcheck import numerical_vjp, rel_error
 
-    argparse.ArgumentParser(prog=f"{prog} check", description=run_check.__doc__).parse_args(argv)
+    Parser(prog=f"{prog} check", description=run_check.__doc__).parse_args(argv)
     cfg = ModelConfig(vocab_size=32, context_length=16, d_model=32, n_heads=4, n_layers=2, d_mlp=128)
     lora = LoraConfig(r=4, alpha=4.0, targets=LORA_TARGETS)
     params = init_params(cfg, seed=0)
@@ -134,9 +145,17 @@ def run_check(argv, prog):
 
 
 def run_bench(argv, prog):
+    from .bench import DEFAULT_OUT
     from .bench import main as bench_main
 
-    return bench_main(argv)
+    rc = bench_main(argv)
+    if rc == 0 and not {"-h", "--help"} & set(argv):  # the figure depends on the measurement, drawn here
+        from .figures_bench import save_bench_png
+
+        out = argparse.ArgumentParser(add_help=False)
+        out.add_argument("--out", default=DEFAULT_OUT)
+        print(f"wrote {save_bench_png(out.parse_known_args(argv)[0].out)}")
+    return rc
 
 
 def run_experiments(argv, prog):
@@ -173,6 +192,9 @@ def main(argv=None):
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":
         argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):  # the demo takes flags only: a bare word is a mistyped command
+        fail(prog, f"unknown command {argv[0]!r}; commands are {', '.join(['demo', *commands])}, or demo flags "
+                   f"(see --help)")  # fmt: skip
     return run_demo(argv, prog)
 
 

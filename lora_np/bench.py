@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import write_atomic
+from .cli import Parser, check_out_file, fail
 from .config import LORA_TARGETS, LoraConfig, ModelConfig
 from .data import VOCAB
 from .demo import DemoConfig
@@ -485,7 +486,7 @@ def _threads(value):
 def main(argv=None):
     """`python -m lora_np bench [--sizes demo,d512] [--reps 7] [--threads 1] [--out FILE] [--quick]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m lora_np bench",
         description="Measure LoRA's cost model on lora_np: step and forward times, flops, memory.",
     )
@@ -504,20 +505,17 @@ def main(argv=None):
         p.error(f"--sizes must be names from {', '.join(known)}, got {a.sizes!r}")
     if reps < 1:
         p.error(f"--reps must be an int >= 1, got {reps}")
+    try:  # the JSON file and the PNG beside it; missing folders are created
+        check_out_file("--out", a.out, create_parents=True)
+    except ValueError as e:
+        fail(p.prog, str(e))
     if a.threads != "env" and any(os.environ.get(v) != str(a.threads) for v in THREAD_VARS):
         env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(a.threads))}
         print(f"re-running with {'='.join(THREAD_VARS[:1])}={a.threads} (BLAS reads it once, at start)", flush=True)
         return subprocess.run([sys.executable, "-m", "lora_np.bench", *argv], env=env).returncode
     result = run(sizes, reps, a.out, quick=a.quick)
     print(table(result))
-    import matplotlib.pyplot as plt  # only when drawing
-
-    from .figures import STYLE, draw_bench, save
-
-    png = Path(a.out).with_suffix(".png")
-    with plt.rc_context(STYLE):  # as `python -m lora_np figures` draws it
-        save(draw_bench(a.out)[0], png)
-    print(f"\nwrote {a.out} and {png}")
+    print(f"\nwrote {a.out}")  # `python -m lora_np bench` then draws it (lora_np.figures_bench)
     return 0
 
 

@@ -13,7 +13,6 @@ loaded back through the same path a user's download takes. Then, float32, B = 4,
 Nothing is downloaded; the file is written to a temporary folder and removed afterwards.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -27,6 +26,7 @@ import numpy as np
 
 from .bench import THREAD_VARS, _round_robin, matmul_gflops, peak_bytes, step_flops
 from .checkpoint import write_atomic
+from .cli import Parser, check_out_file, fail
 from .config import LoraConfig, ModelConfig
 from .lora import init_lora
 from .optim import AdamW
@@ -160,7 +160,7 @@ def table(r):
 
 
 def main(argv, prog="python -m lora_np gpt2 bench"):
-    p = argparse.ArgumentParser(prog=prog, description="Time and memory of LoRA and full fine-tuning at GPT-2 124M's "
+    p = Parser(prog=prog, description="Time and memory of LoRA and full fine-tuning at GPT-2 124M's "
                                 "shapes (random weights, written and loaded as published).")  # fmt: skip
     p.add_argument("--reps", type=int, default=3, help="timed rounds after a warm-up (default 3)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1; re-runs in a subprocess)")
@@ -169,9 +169,10 @@ def main(argv, prog="python -m lora_np gpt2 bench"):
     a = p.parse_args(argv)
     if a.reps < 1 or a.threads < 1:
         p.error(f"--reps and --threads must be ints >= 1, got {a.reps}, {a.threads}")
-    out = Path(a.out)
-    if out.is_dir() or not a.out:
-        p.error(f"--out {a.out!r} must be a file path")
+    try:  # missing folders are created
+        out = check_out_file("--out", a.out, create_parents=True)
+    except ValueError as e:
+        fail(prog, str(e))
     if any(os.environ.get(v) != str(a.threads) for v in THREAD_VARS):
         env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(a.threads))}
         return subprocess.run([sys.executable, "-m", "lora_np", "gpt2", "bench", *argv], env=env).returncode

@@ -138,8 +138,8 @@ class LoraConfig:
         if self.dora_exact_norm and self.method != "dora":
             raise ValueError(f"dora_exact_norm applies to method='dora', got method={self.method!r}")
         if self.base_quant is not None and (self.method != "lora" or self.init == "pissa"):
-            raise ValueError("base_quant='nf4' (QLoRA) quantizes the base under plain LoRA: method='lora', "
-                             f"init 'gaussian' or 'kaiming'; got method={self.method!r}, init={self.init!r}")  # fmt: skip
+            raise ValueError("base_quant='nf4' (QLoRA) quantizes the base under plain LoRA: method='lora', init "
+                             f"'gaussian' or 'kaiming'; got method={self.method!r}, init={self.init!r}")  # fmt: skip
         if self.double_quant and self.base_quant is None:
             raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
 

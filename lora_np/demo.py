@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, load_params, save_adapters, save_params, write_atomic
+from .cli import check_out_dir
 from .config import LoraConfig, ModelConfig, check_int
 from .counting import count_arrays
 from .data import VOCAB, decode, encode, eval_windows, make_splits
@@ -62,8 +63,9 @@ class DemoConfig:
     n_lines: tuple = (6000, 3000)  # sentences generated for the pretraining and fine-tuning domains
 
     def lora(self):
-        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, method=self.method, init=self.init,
-                          lr_ratio=self.lr_ratio, base_quant=self.base_quant, double_quant=self.double_quant)  # fmt: skip
+        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, method=self.method,
+                          init=self.init, lr_ratio=self.lr_ratio, base_quant=self.base_quant,
+                          double_quant=self.double_quant)  # fmt: skip
 
     def validate(self):
         """Raise the API's own errors for bad values, before any work is done."""
@@ -143,19 +145,19 @@ def finetune_full_and_lora(cfg=DemoConfig(), cache_dir="runs/demo/cache", log=pr
     new_train, new_val = make_splits("finetune", cfg.n_lines[1], cfg.seed)
     base, pretrain_seconds = pretrain_or_load(cfg, pre_train, cache_dir, log, reuse=reuse)
 
-    def losses(params, adapters=None, lora=None):
+    def losses(label, params, adapters=None, lora=None):
         return {
-            "new": evaluate(params, new_val, adapters, lora, block_size=T),
-            "old": evaluate(params, pre_val, adapters, lora, block_size=T),
+            "new": evaluate(params, new_val, adapters, lora, block_size=T, label=label),
+            "old": evaluate(params, pre_val, adapters, lora, block_size=T, label=label),
         }
 
-    val = {"base": losses(base)}
+    val = {"base": losses("pretrain", base)}
     common = {"steps": cfg.steps, "batch_size": cfg.batch_size, "block_size": T, "seed": cfg.seed + 1}
 
     full = Params(base.config, {k: v.copy() for k, v in base.items()})
     opt_full = AdamW(full, lr=cfg.full_lr, weight_decay=0.01)
     hist_full = train(full, new_train, opt_full, label="full", **common)
-    val["full"] = losses(full)
+    val["full"] = losses("full", full)
 
     lora = cfg.lora()
     # the base LoRA trains on: the pretrained one, or PiSSA's residual, or QLoRA's 4-bit copy of it
@@ -167,7 +169,7 @@ def finetune_full_and_lora(cfg=DemoConfig(), cache_dir="runs/demo/cache", log=pr
     changed = [k for k in lora_base if not np.array_equal(np.array(lora_base[k]), before[k])]
     if changed:  # LoRA's promise, checked on the run it reports (tests check it too)
         raise RuntimeError(f"LoRA training changed frozen weights {changed[:3]}")
-    val["lora"] = losses(lora_base, adapters, lora)
+    val["lora"] = losses("lora", lora_base, adapters, lora)
 
     return {
         "config": cfg,
@@ -194,9 +196,9 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     A run that diverges raises TrainingDiverged before writing any of its results.
     """
     cfg.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = finetune_full_and_lora(cfg, out_dir / "cache", log, reuse=use_cache)
+    out_dir = check_out_dir("out_dir", out_dir)  # before any work: a bad path is refused, not found at the end
+    check_out_dir("out_dir's cache folder", out_dir / "cache")
+    runs = finetune_full_and_lora(cfg, out_dir / "cache", log, reuse=use_cache)  # may raise TrainingDiverged
     base, full, adapters, lora, val = runs["base"], runs["full"], runs["adapters"], runs["lora"], runs["val"]
     lora_base = runs["lora_base"]  # the base the adapters were trained on (PiSSA's residual, QLoRA's 4-bit copy)
     T = cfg.model.context_length
@@ -208,9 +210,6 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
             "trainable": runs["trainable"][k],
             "state": runs["state_bytes"][k],
         }
-    rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
-    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, lora_base).stat().st_size
-    rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
     new_val = runs["data"]["new_val"]
 
     # merge check: W' = W0 + s·B·A as a plain model against the unmerged adapters
@@ -226,15 +225,17 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
         "full": decode(generate(full, prompt, 120, seed=cfg.seed)),
         "lora": decode(generate(lora_base, prompt, 120, adapters, lora, seed=cfg.seed)),
     }
-    n_total = runs["total_params"]
-    pretrain_seconds = runs["pretrain_seconds"]
-    gap_closed = (rows["base"]["new"] - rows["lora"]["new"]) / (rows["base"]["new"] - rows["full"]["new"])
+    # Everything is computed; only now are files written, so a run that fails writes none of them.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
+    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, lora_base).stat().st_size
+    rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
     results = {
         "config": {**{k: v for k, v in vars(cfg).items() if k != "model"}, "model": vars(cfg.model)},
-        "total_params": n_total,
-        "pretrain_seconds": pretrain_seconds,
+        "total_params": runs["total_params"],
+        "pretrain_seconds": runs["pretrain_seconds"],
         "rows": rows,
-        "gap_closed": gap_closed,
+        "gap_closed": gap_closed(rows["base"]["new"], rows["lora"]["new"], rows["full"]["new"]),
         "fewer_params": rows["full"]["trainable"] / rows["lora"]["trainable"],
         "merge_max_abs_diff": merge_diff,
         "samples": samples,
@@ -243,6 +244,15 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
     write_atomic(out_dir / "results.json", lambda f: f.write(text))
     log(report(results, cfg))
     return results
+
+
+def gap_closed(L_base, L_method, L_full):
+    """(L_base - L_method) / (L_base - L_full): the share of full fine-tuning's gain the method
+    gets. None when full fine-tuning did not move the loss (e.g. a learning rate so small that no
+    float32 weight changed): the ratio is then undefined, not a crash after the work is done."""
+    if L_base == L_full:
+        return None
+    return (L_base - L_method) / (L_base - L_full)
 
 
 def method_label(lora):
@@ -276,11 +286,15 @@ def report(res, cfg):
         else:
             cells = f"{r['trainable']:>11,}{r['trainable'] / n:>8.2%}{r['state'] / 1024:>10.1f}KiB"
         lines.append(f"{names[key]:<26}{cells}{r['file'] / 1024:>8.1f}KiB{r['new']:>9.4f}{r['old']:>9.4f}{time_s:>8}")
+    ratio = "(L_base - L_lora) / (L_base - L_full)"
+    if res["gap_closed"] is None:
+        gap = f"LoRA's share of the gap {ratio} is undefined: full fine-tuning did not move the loss"
+    else:
+        gap = f"LoRA closes {res['gap_closed']:.1%} of the gap {ratio}"
     lines += [
         "",
         "val new: validation loss on the fine-tuning domain (Yoda order); val old: on the pretraining domain.",
-        f"LoRA closes {res['gap_closed']:.1%} of the gap (L_base - L_lora) / (L_base - L_full), "
-        f"with {res['fewer_params']:.1f}x fewer trainable parameters.",
+        f"{gap}, with {res['fewer_params']:.1f}x fewer trainable parameters.",
         f"merged (W0 + s·B·A) vs unmerged LoRA logits, float32: max |difference| = {res['merge_max_abs_diff']:.2e}",
         "",
         "samples from the prompt 'the ':",

@@ -32,7 +32,6 @@ References
   Section 7, Tables 5-7, Figures 3-4, Appendix G and H.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -50,6 +49,7 @@ from .analysis import (
     subspace_similarity_grid,
 )
 from .checkpoint import fingerprint, write_atomic
+from .cli import Parser, check_out_dir, check_out_file, fail
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
@@ -399,7 +399,12 @@ def read_checked(path, config, version, command):
     fix = f"regenerate it with `{command}`"
     if not path.exists():
         raise ValueError(f"no results file at {path}; {fix}")
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # a file cut short or edited by hand
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not a results object; {fix}")
     if results.get("format_version") != version:
         raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
                          f"{version}; {fix}")  # fmt: skip
@@ -424,7 +429,7 @@ def load_results(path=DEFAULT_RESULTS, cfg=Section7Config()):
 
 def main(argv=None):
     """`python -m lora_np.experiments [--out FILE] [--cache-dir DIR] [--check]`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m lora_np.experiments",
         description="Rerun the Section 7 experiments (Tables 5-7, Figures 3-4 on the tiny model) behind "
         "notebooks/05_what_lora_learns.ipynb and write their results file (about two minutes).",
@@ -441,6 +446,11 @@ def main(argv=None):
             return 1
         print(f"{a.out} fits the code's configuration")
         return 0
+    try:  # before two minutes of training, not after
+        check_out_file("--out", a.out)
+        check_out_dir("--cache-dir", a.cache_dir)
+    except ValueError as e:
+        fail(p.prog, str(e))
     results = run_all(Section7Config(), a.cache_dir)
     path = save_results(results, a.out)
     prov = results["provenance"]

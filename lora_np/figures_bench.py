@@ -14,6 +14,17 @@ from .plotting import FIGURES, _human_bytes
 # draw_bench(its JSON) next to that JSON.
 # ==================================================================================================
 
+def save_bench_png(json_path):
+    """Draw a benchmark JSON into a PNG beside it (same name, .png), as `python -m lora_np figures`
+    draws it; returns the PNG's path. The drawing reads the measurement, never the reverse."""
+    from .plotting import STYLE, save
+
+    png = Path(json_path).with_suffix(".png")
+    with plt.rc_context(STYLE):
+        save(draw_bench(json_path)[0], png)
+    return png
+
+
 BENCH_JSON = Path(__file__).resolve().parent.parent / "figures" / "bench.json"
 
 

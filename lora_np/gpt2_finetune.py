@@ -12,9 +12,7 @@ Nothing is downloaded: the weights come from the folder given (GPT-2's files fro
 Face hub, openai-community/gpt2: config.json, model.safetensors, vocab.json, merges.txt).
 """
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, save_adapters, write_atomic
+from .cli import Parser, check_out_dir, fail
 from .config import LORA_TARGETS, LoraConfig, check_int
 from .counting import count_arrays, gpt_params
 from .lora import check_rank, init_lora
@@ -32,7 +31,7 @@ from .train import TrainingDiverged, evaluate, generate, train
 
 
 def parser(prog):
-    p = argparse.ArgumentParser(prog=prog, description="LoRA-fine-tune GPT-2 (published weights you have on disk) "
+    p = Parser(prog=prog, description="LoRA-fine-tune GPT-2 (published weights you have on disk) "
                                 "on a plain-text file, in NumPy.")  # fmt: skip
     p.add_argument("--weights", required=True, help="folder with GPT-2's config.json, model.safetensors, vocab.json, "
                    "merges.txt (e.g. downloaded from huggingface.co/openai-community/gpt2)")  # fmt: skip
@@ -69,12 +68,7 @@ def check_args(a):
     data = Path(a.data)
     if not data.is_file() or data.stat().st_size == 0:
         raise ValueError(f"--data {a.data!r} is not a non-empty file")
-    out = Path(a.out or ".")
-    if not a.out or (out.exists() and not out.is_dir()):
-        raise ValueError(f"--out {a.out!r} must be a folder path")
-    ancestor = next(p for p in (out, *out.parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise ValueError(f"--out {a.out!r}: {str(ancestor)!r} is not a writable folder")
+    check_out_dir("--out", a.out)
     return lora
 
 
@@ -161,7 +155,7 @@ def main(argv, prog="python -m lora_np gpt2"):
     try:
         check_args(a)
     except (TypeError, ValueError) as e:
-        p.error(str(e))
+        fail(prog, str(e))
     try:
         run(a)
     except (CheckpointError, ValueError) as e:  # a file that does not fit, found once it is read

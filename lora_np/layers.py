@@ -375,13 +375,19 @@ def cross_entropy_forward(logits, targets):
 
     Inputs:
     - logits: (..., V)
-    - targets: integer array (...), entries in [0, V)
+    - targets: integer array (...), or a list of ints, entries in [0, V)
 
     Returns:
     - loss: float, mean of -log p(target)
     - cache: (probs, targets)
     """
+    if not isinstance(logits, np.ndarray) or logits.ndim < 1 or logits.shape[-1] < 1:
+        got = logits.shape if isinstance(logits, np.ndarray) else type(logits).__name__
+        raise ValueError(f"logits must be an array (..., V) with V >= 1, got {got}")
+    if logits.size == 0:
+        raise ValueError(f"logits must have at least one position, got shape {logits.shape}")
     V = logits.shape[-1]
+    targets = np.asarray(targets)  # a list of ids is fine; its dtype is checked below
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without V), got {targets.shape}")
     if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= V:

@@ -25,6 +25,7 @@ frozen and its gradient is never computed (the saving LoRA is about).
 
 import numpy as np
 
+from .dora import dora_linear_backward, dora_linear_forward
 from .layers import (
     attention_backward,
     attention_forward,
@@ -39,7 +40,6 @@ from .layers import (
     lora_linear_backward,
     lora_linear_forward,
 )
-from .dora import dora_linear_backward, dora_linear_forward
 from .lora import VERA_SHARED, check_adapters, trainable_adapters, vera_shared
 from .nf4 import NF4Tensor
 from .params import check_params
@@ -97,30 +97,30 @@ def _proj_forward(x, params, adapters, lora, prefix, w, train, rng):
 
 def _proj_backward(dout, cache, prefix, w, want, grads):
     kind, c = cache
-    W, b = prefix + w, prefix + "b_" + w[2:]
+    w_name, b_name = prefix + w, prefix + "b_" + w[2:]  # names, not arrays: keys of want and grads
     if isinstance(c[1], NF4Tensor):  # linear and LoRA caches hold W0 second
         c = (c[0], c[1].dequantize(), *c[2:])
     if kind in ("lora", "dora", "vera"):
         if kind == "lora":
-            dx, dA, dB = lora_linear_backward(dout, c, need_dA=W + ".A" in want, need_dB=W + ".B" in want)
+            dx, dA, dB = lora_linear_backward(dout, c, need_dA=w_name + ".A" in want, need_dB=w_name + ".B" in want)
             new = {".A": dA, ".B": dB}
         elif kind == "dora":
-            dx, dA, dB, dm = dora_linear_backward(dout, c, need_dA=W + ".A" in want, need_dB=W + ".B" in want,
-                                                  need_dm=W + ".m" in want)  # fmt: skip
+            dx, dA, dB, dm = dora_linear_backward(dout, c, need_dA=w_name + ".A" in want, need_dB=w_name + ".B" in want,
+                                                  need_dm=w_name + ".m" in want)  # fmt: skip
             new = {".A": dA, ".B": dB, ".m": dm}
         else:
-            dx, dd, db_ = vera_linear_backward(dout, c, need_dd=W + ".lambda_d" in want,
-                                               need_db=W + ".lambda_b" in want)  # fmt: skip
+            dx, dd, db_ = vera_linear_backward(dout, c, need_dd=w_name + ".lambda_d" in want,
+                                               need_db=w_name + ".lambda_b" in want)  # fmt: skip
             new = {".lambda_d": dd, ".lambda_b": db_}
-        grads.update({W + k: g for k, g in new.items() if g is not None})
-        if b in want:  # ∂L/∂b = g, summed over positions; it does not involve W0 or the adapter
-            grads[b] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+        grads.update({w_name + k: g for k, g in new.items() if g is not None})
+        if b_name in want:  # ∂L/∂b = g, summed over positions; it does not involve W0 or the adapter
+            grads[b_name] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
         return dx
-    dx, dW, db = linear_backward(dout, c, need_dW=W in want, need_db=b in want)
+    dx, dW, db = linear_backward(dout, c, need_dW=w_name in want, need_db=b_name in want)
     if dW is not None:
-        grads[W] = dW
+        grads[w_name] = dW
     if db is not None:
-        grads[b] = db
+        grads[b_name] = db
     return dx
 
 
@@ -240,7 +240,13 @@ def _resolve_trainable(trainable, cache):
         return set(cache["default_trainable"])
     if isinstance(trainable, str):
         raise TypeError(f"trainable must be a collection of names, got the string {trainable!r}")
-    want = set(trainable)
+    try:
+        want = set(trainable)
+    except TypeError:
+        raise TypeError(f"trainable must be a collection of names, got {type(trainable).__name__}") from None
+    odd = [n for n in want if not isinstance(n, str)]
+    if odd:  # sorted() below would fail on a mix of types
+        raise TypeError(f"trainable must hold parameter names (str), got {odd[0]!r} ({type(odd[0]).__name__})")
     known = set(cache["names"])
     unknown = sorted(want - known)
     if unknown:
@@ -264,6 +270,11 @@ def _resolve_trainable(trainable, cache):
     return want
 
 
+# what model_forward's cache holds; model_backward refuses anything else before reading it
+_CACHE_KEYS = frozenset({"names", "default_trainable", "adapted", "quantized", "logits", "tok", "pos", "blocks",
+                         "ln_f", "head"})  # fmt: skip
+
+
 def model_backward(dlogits, cache, trainable=None):
     """Gradients of the names in `trainable`, and of nothing else.
 
@@ -276,6 +287,9 @@ def model_backward(dlogits, cache, trainable=None):
     Returns:
     - grads: dict name -> array with the shape of that parameter, exactly the trainable names
     """
+    if not isinstance(cache, dict) or not _CACHE_KEYS <= set(cache):
+        got = f"a dict without {sorted(_CACHE_KEYS - set(cache))}" if isinstance(cache, dict) else type(cache).__name__
+        raise TypeError(f"cache must be the cache model_forward returned, got {got}")
     shape, dtype = cache["logits"]
     if not isinstance(dlogits, np.ndarray) or dlogits.shape != shape or dlogits.dtype != dtype:
         got = (dlogits.shape, dlogits.dtype) if isinstance(dlogits, np.ndarray) else type(dlogits).__name__

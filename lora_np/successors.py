@@ -19,7 +19,6 @@ rewritten by one command (with OPENBLAS_NUM_THREADS=1 on a shared machine):
 `load_results` refuses a file whose configuration is not the code's.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -29,10 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import fingerprint, write_atomic
+from .cli import Parser, check_out_dir, check_out_file, fail
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
-from .demo import DemoConfig, pretrain_or_load
+from .demo import DemoConfig, gap_closed, pretrain_or_load
 from .experiments import read_checked
 from .lora import trainable_adapters
 from .optim import AdamW
@@ -125,7 +125,7 @@ def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
     L0 = results["base"]["new"]
     for rows in results["runs"].values():
         for r in rows:
-            r["gap_closed"] = (L0 - r["new"]) / (L0 - full[r["seed"]])
+            r["gap_closed"] = gap_closed(L0, r["new"], full[r["seed"]])  # None if full fine-tuning did not move
     results["provenance"] = {"command": "python -m lora_np successors", "base_fingerprint": fingerprint(base),
                              "seconds": round(time.perf_counter() - t_start, 1), "numpy": np.__version__}  # fmt: skip
     return results
@@ -140,7 +140,7 @@ def load_results(path=DEFAULT_RESULTS, cfg=SuccessorsConfig()):
 
 
 def main(argv=None, prog="python -m lora_np successors"):
-    p = argparse.ArgumentParser(prog=prog, description="Run LoRA's successors on the demo task over several seeds "
+    p = Parser(prog=prog, description="Run LoRA's successors on the demo task over several seeds "
                                 "and write the results file notebook 07 reads (a few minutes).")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
@@ -154,9 +154,11 @@ def main(argv=None, prog="python -m lora_np successors"):
             return 1
         print(f"{a.out} fits the code's configuration")
         return 0
-    out = Path(a.out)
-    if out.is_dir() or not out.parent.is_dir():
-        p.error(f"--out {a.out!r} must be a file in an existing folder")
+    try:  # before minutes of training, not after
+        out = check_out_file("--out", a.out)
+        check_out_dir("--cache-dir", a.cache_dir)
+    except ValueError as e:
+        fail(prog, str(e))
     results = run_all(SuccessorsConfig(), a.cache_dir)
     text = (json.dumps(results, indent=1) + "\n").encode()
     write_atomic(out, lambda f: f.write(text))

@@ -11,6 +11,7 @@ Dimension legend: B batch, T time (block size), V vocabulary.
 import math
 import sys
 import time
+from numbers import Real
 
 import numpy as np
 
@@ -23,8 +24,9 @@ BIAS_OPTIONS = ("none", "all", "lora_only")
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient stopped being finite. The failing step updated nothing: the
-    parameters hold what the previous step's update made of them."""
+    """The loss, a gradient or a LayerNorm stopped being finite (the failing step updated
+    nothing: the parameters hold what the previous step's update made of them), or an update
+    itself made a parameter non-finite (the message says which)."""
 
     def __init__(self, message, step, history):
         super().__init__(message)
@@ -67,20 +69,51 @@ def loss_and_grads(params, x, y, adapters=None, lora=None, trainable=None, *, tr
     - loss: float
     - grads: dict name -> array, exactly the trainable names
     """
+    loss, grads, _ = _loss_grads_cache(params, x, y, adapters, lora, trainable, train=train, rng=rng)
+    return loss, grads
+
+
+def _loss_grads_cache(params, x, y, adapters, lora, trainable, *, train, rng):
+    # loss_and_grads, and the forward's cache, whose LayerNorms train() checks for a collapse
     logits, cache = model_forward(params, x, adapters, lora, train=train, rng=rng)  # (B, T, V)
     loss, ce_cache = cross_entropy_forward(logits, y)
     dlogits = cross_entropy_backward(1.0, ce_cache)
-    return loss, model_backward(dlogits, cache, trainable)
+    return loss, model_backward(dlogits, cache, trainable), cache
 
 
-def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=64, batch_size=32):
-    """Mean cross-entropy over fixed windows of a stream (deterministic: no sampling, no dropout)."""
+def collapsed_layernorms(cache):
+    """Names of the LayerNorms of a model_forward cache whose normalizer collapsed.
+
+    rstd = 1/sqrt(var + eps) lies in (0, 1/sqrt(eps)] for any finite input. When float32 activations
+    grow past ~1e19 their variance overflows to inf and rstd becomes 0: the LayerNorm outputs its
+    beta whatever came in, the model a constant, the loss a finite log V and every gradient below
+    it 0. A finite loss then hides a diverged run, so the normalizers are checked themselves
+    (a NaN fails `rstd > 0` too). Cheap: rstd is (B, T, 1).
+    """
+    lns = [(f"blocks.{l}.{k}", c[k]) for l, c in enumerate(cache["blocks"]) for k in ("ln1", "ln2")]
+    lns.append(("ln_f", cache["ln_f"]))
+    return [name for name, (_, rstd, _) in lns if not np.all(rstd > 0)]
+
+
+def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=64, batch_size=32, label="evaluation"):
+    """Mean cross-entropy over fixed windows of a stream (deterministic: no sampling, no dropout).
+
+    Raises TrainingDiverged (step None; its message starts with `label`) when the model's loss
+    is not finite or a LayerNorm collapsed (collapsed_layernorms): the loss of such a model is
+    not a measurement. A run whose last update overflowed is caught here, right after train.
+    """
     x, y = eval_windows(ids, block_size, max_windows)  # (n, T) each
     total = 0.0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]  # the last batch may be shorter
-        logits, _ = model_forward(params, xb, adapters, lora)
-        total += cross_entropy_forward(logits, yb)[0] * len(xb)  # a mean over a batch, weighted by its size
+        logits, cache = model_forward(params, xb, adapters, lora)
+        loss = cross_entropy_forward(logits, yb)[0]
+        collapsed = collapsed_layernorms(cache)
+        if not math.isfinite(loss) or collapsed:
+            what = f"loss {loss}" if not math.isfinite(loss) else f"variance overflowed in LayerNorm {collapsed[:3]}"
+            raise TrainingDiverged(f"{label}: the model diverged ({what}); if it was just trained, try a lower "
+                                   f"learning rate", None, None)  # fmt: skip
+        total += loss * len(xb)  # a mean over a batch, weighted by its size
     return total / len(x)
 
 
@@ -141,8 +174,9 @@ def train(
     Returns:
     - history: {"loss": [per step], "lr": [...], "time": [seconds since start], "tokens_per_s": float}
 
-    Raises TrainingDiverged at the first step whose loss or gradients are not finite; that
-    step updates nothing, so the arrays hold what the steps before it made of them.
+    Raises TrainingDiverged at the first step whose loss or gradients are not finite, or whose
+    LayerNorms collapsed (collapsed_layernorms); that step updates nothing, so the arrays hold
+    what the steps before it made of them. Also when an update itself made a non-finite value.
     """
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
@@ -180,10 +214,17 @@ def train(
             else:
                 lr = base_lr
             x, y = sample_batch(train_ids, batch_size, block_size, batch_rng)
-            loss, grads = loss_and_grads(params, x, y, adapters, lora, trainable, train=True, rng=dropout_rng)
+            loss, grads, cache = _loss_grads_cache(params, x, y, adapters, lora, trainable, train=True,
+                                                   rng=dropout_rng)  # fmt: skip
             bad = [n for n, g in grads.items() if not np.all(np.isfinite(g))]
-            if not math.isfinite(loss) or bad:
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradients of {bad[:3]}"
+            collapsed = collapsed_layernorms(cache)
+            if not math.isfinite(loss) or bad or collapsed:
+                if not math.isfinite(loss):
+                    what = f"loss {loss}"
+                elif bad:
+                    what = f"gradients of {bad[:3]}"
+                else:
+                    what = f"activations: the variance overflowed in LayerNorm {collapsed[:3]} (rstd = 0)"
                 held = "the values this call started with" if step == 0 else f"the update of step {step - 1}"
                 raise TrainingDiverged(
                     f"{label}: non-finite {what} at step {step}; nothing was updated at this step, the "
@@ -193,6 +234,15 @@ def train(
                 )
             optimizer.lr = lr
             optimizer.step(grads)
+            # an update can overflow where the gradient did not (a huge learning rate)
+            bad = [n for n in trainable if not np.all(np.isfinite(optimizer.arrays[n]))]
+            if bad:
+                raise TrainingDiverged(
+                    f"{label}: non-finite values after the update of step {step} in {bad[:3]} (try a lower "
+                    f"learning rate than {base_lr})",
+                    step,
+                    history,
+                )
             elapsed = time.perf_counter() - start
             history["loss"].append(loss)
             history["lr"].append(lr)
@@ -214,17 +264,23 @@ def generate(params, prompt_ids, n_new, adapters=None, lora=None, *, temperature
     Returns:
     - ids: (T0 + n_new,) int64, the prompt followed by the samples
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    ok = isinstance(temperature, Real) and not isinstance(temperature, bool)  # np.float32 too; True is no 1.0
+    if not (ok and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     check_int("n_new", n_new, 0)
-    ids = np.asarray(prompt_ids, dtype=np.int64)
+    ids = np.asarray(prompt_ids)
+    if not (np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == np.float64)):
+        # a float id would be truncated silently by astype
+        raise TypeError(f"prompt_ids must be integer token ids, got {ids.dtype} values {ids.ravel()[:4].tolist()}")
+    ids = ids.astype(np.int64)
     if ids.ndim != 1 or ids.size < 1:
         raise ValueError(f"prompt_ids must be a non-empty 1-D array of ids, got shape {ids.shape}")
     rng = np.random.default_rng(seed)
     ctx = params.config.context_length
     for _ in range(n_new):
         logits, _ = model_forward(params, ids[None, -ctx:], adapters, lora)  # (1, T, V)
-        z = logits[0, -1].astype(np.float64) / temperature
-        p = np.exp(z - z.max())
+        z = logits[0, -1].astype(np.float64)
+        z = (z - z.max()) / float(temperature)  # max first: the top logit is 0 at any temperature, never nan
+        p = np.exp(z)
         ids = np.append(ids, rng.choice(len(p), p=p / p.sum()))
     return ids

@@ -129,7 +129,8 @@ def merge_variant(params, adapters, lora):
         elif lora.method == "vera":
             A, B = vera_shared(adapters, cfg, t)
             # Λ_b·B·Λ_d·A: scale B's rows by lambda_b and A's rows by lambda_d, then one (d_out, r) @ (r, d_in)
-            merged[name] = W0 + (adapters[name + ".lambda_b"][:, None] * B) @ (adapters[name + ".lambda_d"][:, None] * A)
+            lb, ld = adapters[name + ".lambda_b"], adapters[name + ".lambda_d"]
+            merged[name] = W0 + (lb[:, None] * B) @ (ld[:, None] * A)
         else:
             merged[name] = W0 + lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
     return merged

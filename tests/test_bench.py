@@ -13,6 +13,7 @@ import pytest
 
 import lora_np.model as model_module
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
+from lora_np.__main__ import main as cli_main
 from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, main, run, step_flops
 from lora_np.counting import config_lora_params, config_params
 from lora_np.figures import draw_bench
@@ -34,7 +35,8 @@ META_KEYS = {
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     # "env": in this process, whatever the BLAS threads are; the subprocess path is tested below
-    assert main(["--quick", "--threads", "env", "--out", str(out)]) == 0
+    # the command as a user runs it: lora_np.bench measures, `python -m lora_np bench` also draws
+    assert cli_main(["bench", "--quick", "--threads", "env", "--out", str(out)]) == 0
     return out, json.loads(out.read_text())
 
 

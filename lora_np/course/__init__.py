@@ -18,26 +18,29 @@ def check(*ids, directory="."):
 
 
 def main(argv, prog="python -m lora_np course"):
-    import argparse
+    from ..cli import Parser
 
     commands = {"make": _make, "grade": _grade}
     if not argv or argv[0] not in commands:
-        p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+        p = Parser(prog=prog, description=__doc__.split("\n")[0])
         p.add_argument("command", choices=sorted(commands), help="make a handout, or grade one")
         p.parse_args(argv[:1])  # exits 2 with the usage for a missing or unknown command
     return commands[argv[0]](argv[1:], f"{prog} {argv[0]}")
 
 
 def _make(argv, prog):
-    import argparse
-
+    from ..cli import Parser, check_out_dir, fail
     from .make import make
 
-    p = argparse.ArgumentParser(prog=prog, description="Write the course handout (exercises with blanks).")
+    p = Parser(prog=prog, description="Write the course handout (exercises with blanks).")
     p.add_argument("dir", help="folder to write (created if missing; existing exercise files are never replaced)")
     p.add_argument("--solutions", action="store_true", help="fill every blank: the instructor's version")
     p.add_argument("--force", action="store_true", help="replace exercise files already in dir")
     a = p.parse_args(argv)
+    try:
+        check_out_dir("dir", a.dir)
+    except ValueError as e:
+        fail(prog, str(e))
     try:
         written = make(a.dir, solutions=a.solutions, force=a.force)
     except ValueError as e:

@@ -14,7 +14,6 @@ format Gradescope's autograder reads,
 and the exit status is 0 only at full marks.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -25,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from ..checkpoint import write_atomic
+from ..cli import Parser, check_out_file
 from .exercises import BY_ID, EXERCISES
 
 DEFAULT_TIMEOUT = 120.0  # seconds an exercise may take; the solutions need a few
@@ -138,7 +138,7 @@ def _check_ids(ids):
 
 
 def main(argv, prog="python -m lora_np course grade"):
-    p = argparse.ArgumentParser(prog=prog, description="Grade a course handout: every exercise, with hints.")
+    p = Parser(prog=prog, description="Grade a course handout: every exercise, with hints.")
     p.add_argument("dir", help="the handout folder holding the student's .py files")
     p.add_argument("--only", default="", help="comma-separated exercises, e.g. E1,E2 (default: all)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -148,7 +148,9 @@ def main(argv, prog="python -m lora_np course grade"):
     if importlib.util.find_spec("hypothesis") is None:
         p.error("grading draws its test cases with hypothesis, which is not installed: python -m pip install "
                 "'lora-np[course]' (from a clone: python -m pip install -e '.[course]')")  # fmt: skip
-    try:  # every argument checked before any student code runs
+    try:  # every argument checked before any student code runs; the output path first
+        if a.json is not None:
+            check_out_file("--json", a.json)
         only = _check_ids([s.strip() for s in a.only.split(",") if s.strip()]) if a.only else None
         if not os.path.isdir(a.dir):
             raise ValueError(f"dir {a.dir!r} is not a folder")
@@ -157,10 +159,6 @@ def main(argv, prog="python -m lora_np course grade"):
             raise ValueError(f"dir {a.dir!r} has none of {', '.join(files)}: is it a handout from `course make`?")
         if not (a.timeout > 0 and a.timeout < float("inf")):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {a.timeout}")
-        if a.json is not None:
-            folder = os.path.dirname(os.path.abspath(a.json))
-            if not a.json or os.path.isdir(a.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise ValueError(f"--json {a.json!r} must be a file path in an existing, writable folder")
     except ValueError as e:
         p.error(str(e))
     start = time.perf_counter()

@@ -1,0 +1,62 @@
+"""What every `python -m lora_np ...` command shares: one-line errors, and output paths checked
+before any work.
+
+A misuse of the command line is one line on stderr and exit status 2, never a traceback, and it
+is found before anything is trained or written: an output path that cannot be written is
+refused up front, not after minutes of training.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a misuse is one line on stderr (the usage is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(prog, message):
+    """One line on stderr, exit status 2: for a misuse found after parsing."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _writable_folder(flag, given, folder, create):
+    # The nearest folder that exists must be a writable folder: it is where the output (or the
+    # folders leading to it, when `create`) will be made. os.access is True for root everywhere;
+    # a path below a regular file is refused for everyone.
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if ancestor != folder and not create:
+        raise ValueError(f"{flag} {given!r}: the folder {str(folder)!r} does not exist")
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {given!r}: {str(ancestor)!r} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {given!r}: the folder {str(ancestor)!r} is not writable")
+
+
+def check_out_file(flag, path, create_parents=False):
+    """ValueError unless `path` names a file that can be written: not empty, not a folder, in an
+    existing writable folder (or, with create_parents, below the nearest existing one)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{flag} must be a file path, got {path!r}")
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; it must be a file path")
+    _writable_folder(flag, str(path), p.parent, create_parents)
+    return Path(path)
+
+
+def check_out_dir(flag, path):
+    """ValueError unless `path` names a folder that exists and is writable, or can be created
+    below the nearest existing folder. An empty path is refused: it would silently mean '.'."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{flag} must be a folder path, got {path!r}")
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file; it must be a folder")
+    _writable_folder(flag, str(path), p, create=True)
+    return Path(path)
