@@ -64,8 +64,6 @@ def test_zero_init_is_exactly_the_base_model(setup):
     np.testing.assert_array_equal(adapted, base)  # bit for bit: B = 0 adds exact zeros
 
 
-# T >= 2: with a single position, attention puts weight 1 on it whatever q and k are, so
-# ∂L/∂W_q and ∂L/∂W_k (and their dB) are exactly zero for a reason unrelated to LoRA.
 @given(setups())
 def test_merged_forward_equals_unmerged(setup):
     cfg, lora, params, adapters, tokens, _ = setup
@@ -92,8 +90,6 @@ def test_unmerge_recovers_base_and_nothing_is_mutated(setup):
             assert not np.array_equal(merged[f"blocks.{l}.{t}"], params[f"blocks.{l}.{t}"])
 
 
-# An invariant of the construction, kept as the issue lists it: any B·A with inner size r has
-# rank <= r. What it can catch here is a ΔW built from the wrong factors or shapes.
 @given(setups())
 def test_frozen_weights_get_no_gradient_and_none_is_formed(setup):
     cfg, lora, params, adapters, tokens, rng = setup
