@@ -329,7 +329,7 @@ def test_the_gpt2_command_fine_tunes_and_writes_its_results(tmp_path):
         (["--weights", "W", "--data", "nothing.txt"], "is not a non-empty file"),
         (["--weights", "W", "--data", "DATA", "--rank", "0"], "--rank must be an int >= 1"),
         (["--weights", "W", "--data", "DATA", "--targets", "W_x"], "unknown LoRA target"),
-        (["--weights", "W", "--data", "DATA", "--out", "DATA"], "must be a folder path"),
+        (["--weights", "W", "--data", "DATA", "--out", "DATA"], "is a file; it must be a folder"),
     ],
 )
 def test_the_gpt2_command_refuses_bad_arguments_before_any_work(tmp_path, args, message):
