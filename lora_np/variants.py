@@ -153,7 +153,8 @@ def unmerge_variant(merged, adapters, lora, norms=None):
                                         lora.scaling, norms[name])  # fmt: skip
         elif lora.method == "vera":
             A, B = vera_shared(adapters, cfg, t)
-            params[name] = W - (adapters[name + ".lambda_b"][:, None] * B) @ (adapters[name + ".lambda_d"][:, None] * A)
+            lb, ld = adapters[name + ".lambda_b"], adapters[name + ".lambda_d"]
+            params[name] = W - (lb[:, None] * B) @ (ld[:, None] * A)  # W0 = W' - Λ_b·B·Λ_d·A, as merged
         else:
             params[name] = W - lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
     return params
