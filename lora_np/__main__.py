@@ -19,6 +19,7 @@ import numpy as np
 
 from .cli import Parser, check_out_dir, fail
 from .config import LORA_TARGETS
+from .threads import add_threads_flag, apply_threads
 
 
 def demo_parser(prog):
@@ -42,9 +43,10 @@ def demo_parser(prog):
     p.add_argument("--targets", default=",".join(d.targets),
                    help=f"comma-separated weights to adapt, from {','.join(LORA_TARGETS)} "
                         f"(default {','.join(d.targets)})")  # fmt: skip
-    p.add_argument("--method", default=d.method, choices=("lora", "dora", "vera"),
+    p.add_argument("--method", default=d.method, choices=("lora", "dora", "vera", "adapter_h", "adapter_l"),
                    help="LoRA, or one of its successors: DoRA (magnitude and direction), VeRA (shared random "
-                        "matrices, trained vectors) (default lora)")  # fmt: skip
+                        "matrices, trained vectors), or the paper's adapter baselines AdapterH, AdapterL "
+                        "(--rank is their bottleneck width) (default lora)")  # fmt: skip
     p.add_argument("--init", default=d.init, choices=("gaussian", "kaiming", "pissa"),
                    help="A's initialization; pissa: A, B from W0's top-r singular triplets (default gaussian)")
     p.add_argument("--loraplus", type=float, default=d.lr_ratio, metavar="RATIO",
@@ -61,6 +63,7 @@ def demo_parser(prog):
     )
     p.add_argument("--no-cache", action="store_true",
                    help="pretrain again (and refresh the cache) even if a cached base model fits")  # fmt: skip
+    add_threads_flag(p)
     return p
 
 
@@ -84,6 +87,7 @@ def run_demo(argv, prog):
         cfg.validate()
     except (ValueError, TypeError) as e:
         parser.error(str(e))  # the API's own message, exit status 2, before any work
+    apply_threads(a.threads, cfg.model.d_model)
     try:
         run(cfg, out_dir=a.out, use_cache=not a.no_cache)
     except TrainingDiverged as e:
@@ -101,11 +105,13 @@ def run_figures(argv, prog):
     )
     p.add_argument("--out", default="figures", help="output folder (default figures)")
     p.add_argument("names", nargs="*", help=f"only these figures (no diagrams), from: {', '.join(FIGURES)}")
+    add_threads_flag(p)
     a = p.parse_args(argv)
     try:
         check_out_dir("--out", a.out)
     except ValueError as e:
         fail(f"{prog} figures", str(e))
+    apply_threads(a.threads)  # the figures train the demo's model and smaller ones
     try:
         written = list(make_all(a.out, a.names or None))
         if not a.names:  # a full run also redraws the layer diagrams (a second or two)
@@ -121,7 +127,9 @@ def run_check(argv, prog):
     from . import LoraConfig, ModelConfig, init_lora, init_params, model_backward, model_forward
     from .gradcheck import numerical_vjp, rel_error
 
-    Parser(prog=f"{prog} check", description=run_check.__doc__).parse_args(argv)
+    p = Parser(prog=f"{prog} check", description=run_check.__doc__)
+    add_threads_flag(p)
+    apply_threads(p.parse_args(argv).threads)
     cfg = ModelConfig(vocab_size=32, context_length=16, d_model=32, n_heads=4, n_layers=2, d_mlp=128)
     lora = LoraConfig(r=4, alpha=4.0, targets=LORA_TARGETS)
     params = init_params(cfg, seed=0)

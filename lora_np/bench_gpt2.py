@@ -31,6 +31,7 @@ from .config import LoraConfig, ModelConfig
 from .lora import init_lora
 from .optim import AdamW
 from .params import Params, cast, param_shapes
+from .threads import add_threads_flag, apply_threads
 from .train import loss_and_grads
 
 GPT2_124M = ModelConfig(vocab_size=50257, context_length=1024, d_model=768, n_heads=12, n_layers=12, d_mlp=3072)
@@ -163,19 +164,17 @@ def main(argv, prog="python -m lora_np gpt2 bench"):
     p = Parser(prog=prog, description="Time and memory of LoRA and full fine-tuning at GPT-2 124M's "
                                 "shapes (random weights, written and loaded as published).")  # fmt: skip
     p.add_argument("--reps", type=int, default=3, help="timed rounds after a warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1; re-runs in a subprocess)")
+    add_threads_flag(p)
     p.add_argument("--out", default="runs/bench/gpt2_124m.json", help="JSON file to write")
     p.add_argument("--quick", action="store_true", help="tiny shapes instead of 124M: a smoke test of seconds")
     a = p.parse_args(argv)
-    if a.reps < 1 or a.threads < 1:
-        p.error(f"--reps and --threads must be ints >= 1, got {a.reps}, {a.threads}")
+    if a.reps < 1:
+        p.error(f"--reps must be an int >= 1, got {a.reps}")
     try:  # missing folders are created
         out = check_out_file("--out", a.out, create_parents=True)
     except ValueError as e:
         fail(prog, str(e))
-    if any(os.environ.get(v) != str(a.threads) for v in THREAD_VARS):
-        env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(a.threads))}
-        return subprocess.run([sys.executable, "-m", "lora_np", "gpt2", "bench", *argv], env=env).returncode
+    apply_threads(a.threads, (QUICK if a.quick else GPT2_124M).d_model)
     result = run(a.reps, a.quick)
     print(table(result))
     out.parent.mkdir(parents=True, exist_ok=True)

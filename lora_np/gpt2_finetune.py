@@ -27,6 +27,7 @@ from .lora import check_rank, init_lora
 from .optim import AdamW
 from .params import cast
 from .peft import QKV, export_peft
+from .threads import add_threads_flag, apply_threads
 from .train import TrainingDiverged, evaluate, generate, train
 
 
@@ -51,6 +52,7 @@ def parser(prog):
     p.add_argument("--seed", type=int, default=0, help="seed for the adapters, batches and samples (default 0)")
     p.add_argument("--out", default="runs/gpt2",
                    help="output folder: adapter.npz, peft/, results.json (default runs/gpt2)")  # fmt: skip
+    add_threads_flag(p)
     return p
 
 
@@ -83,6 +85,7 @@ def run(a, log=print):
     if a.block_size > cfg.context_length:
         raise ValueError(f"--block-size {a.block_size} is longer than the model's n_positions {cfg.context_length}")
     load_s = time.perf_counter() - t0
+    apply_threads(a.threads, cfg.d_model, log)
     n_total = gpt_params(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.context_length,
                          tied_head=params["W_u"] is params["W_e"])  # fmt: skip
     log(f"loaded GPT-2 from {a.weights}: {cfg.n_layers} layers, d_model {cfg.d_model}, {n_total:,} parameters, "

@@ -219,12 +219,17 @@ def layernorm_forward(x, gamma, beta, eps=LN_EPS):
     - out: (..., D)
     - cache: (xhat, rstd, gamma); the normalized input and 1/std are all backward needs
     """
+    # Two (..., D) buffers in all, each reused in place: x - mean becomes xhat, and the
+    # squares become the output. (The arithmetic is unchanged, rounding included.)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # biased: divides by D, not D - 1
+    xhat = x - mean  # x - μ for now
+    out = xhat * xhat
+    var = out.mean(axis=-1, keepdims=True)  # biased: divides by D, not D - 1
     rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
-    xhat = xc * rstd  # (..., D)
-    return xhat * gamma + beta, (xhat, rstd, gamma)
+    xhat *= rstd  # xhat = (x - μ) / sqrt(var + eps), (..., D)
+    np.multiply(xhat, gamma, out=out)
+    out += beta  # out = xhat·gamma + beta
+    return out, (xhat, rstd, gamma)
 
 
 def layernorm_backward(dout, cache, *, need_dgamma=True, need_dbeta=True):
@@ -248,12 +253,14 @@ def layernorm_backward(dout, cache, *, need_dgamma=True, need_dbeta=True):
     lead = tuple(range(dout.ndim - 1))  # every axis but the last
     dgamma = (dout * xhat).sum(axis=lead) if need_dgamma else None
     dbeta = dout.sum(axis=lead) if need_dbeta else None
-    dxhat = dout * gamma
-    dx = rstd * (
-        dxhat
-        - dxhat.mean(axis=-1, keepdims=True)  # through the mean
-        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)  # through the variance
-    )
+    # Two (..., D) buffers: dxhat, which becomes dx in place, and one for the variance's term.
+    dx = dout * gamma  # dxhat
+    through_mean = dx.mean(axis=-1, keepdims=True)  # mean(dxhat), (..., 1)
+    through_var = dx * xhat
+    np.multiply(xhat, through_var.mean(axis=-1, keepdims=True), out=through_var)  # xhat·mean(dxhat·xhat)
+    dx -= through_mean
+    dx -= through_var
+    dx *= rstd  # dx = rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat))
     return dx, dgamma, dbeta
 
 
@@ -273,9 +280,19 @@ def gelu_forward(x):
     - out: same shape as x
     - cache: (x, t) with t = tanh(c·(x + 0.044715·x³)), kept so backward need not recompute it
     """
-    # x*x*x, not x**3: NumPy sends a float power to pow(), about 30x slower here
-    t = np.tanh(GELU_C * (x + 0.044715 * (x * x * x)))
-    return 0.5 * x * (1.0 + t), (x, t)
+    # One buffer carries the tanh's argument and then t; a second becomes the output. Each line
+    # is one pass over memory, in place. (x*x*x, not x**3: NumPy sends a float power to pow(),
+    # about 30x slower here.)
+    t = x * x
+    t *= x
+    t *= 0.044715
+    t += x
+    t *= GELU_C  # c·(x + 0.044715·x³)
+    np.tanh(t, out=t)  # t, the layer's only transcendental: computed once, cached for backward
+    out = t + 1.0
+    out *= x
+    out *= 0.5  # out = 0.5·x·(1 + t)
+    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
@@ -291,8 +308,21 @@ def gelu_backward(dout, cache):
     - dx: same shape as dout
     """
     x, t = cache
-    dtanh_arg = GELU_C * (1.0 + 3 * 0.044715 * (x * x))
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dtanh_arg)
+    # Two buffers, each line one pass in place; the formula above, term by term.
+    dx = x * x
+    dx *= 3 * 0.044715
+    dx += 1.0
+    dx *= GELU_C  # dx holds c·(1 + 3·0.044715·x²), the derivative of tanh's argument
+    through_t = t * t
+    np.subtract(1.0, through_t, out=through_t)  # 1 - t², the derivative of tanh
+    through_t *= x
+    through_t *= 0.5
+    through_t *= dx  # 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²)
+    np.add(t, 1.0, out=dx)
+    dx *= 0.5  # 0.5·(1 + t)
+    dx += through_t
+    dx *= dout
+    return dx
 
 
 # ----------------------------------------------------------------------------
@@ -351,8 +381,11 @@ def attention_backward(dy, cache):
     dyh = dy.reshape(Bsz, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
     datt = dyh @ vh.transpose(0, 1, 3, 2)  # (B, H, T, T)
     dvh = att.transpose(0, 1, 3, 2) @ dyh  # (B, H, T, hs)
-    # 4. softmax backward, row by row: dscores = att * (datt - sum(att * datt))
-    dscores = att * (datt - (att * datt).sum(axis=-1, keepdims=True))
+    # 4. softmax backward, row by row: dscores = att * (datt - sum(att * datt)), written into
+    # datt's buffer: these (B, H, T, T) arrays are the largest of the layer
+    dscores = datt
+    dscores -= (att * datt).sum(axis=-1, keepdims=True)
+    dscores *= att
     # 3. masked scores were constants (-inf): att is 0 there, so dscores is already 0
     # 2. scores = qh @ khᵀ * scale
     dscores *= scale

@@ -37,6 +37,7 @@ from .experiments import read_checked
 from .lora import trainable_adapters
 from .optim import AdamW
 from .params import Params
+from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train
 from .variants import init_adapters, lr_scales
 
@@ -145,6 +146,7 @@ def main(argv=None, prog="python -m lora_np successors"):
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
     p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
+    add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.check:
         try:
@@ -159,6 +161,7 @@ def main(argv=None, prog="python -m lora_np successors"):
         check_out_dir("--cache-dir", a.cache_dir)
     except ValueError as e:
         fail(prog, str(e))
+    apply_threads(a.threads, SuccessorsConfig().demo.model.d_model)
     results = run_all(SuccessorsConfig(), a.cache_dir)
     text = (json.dumps(results, indent=1) + "\n").encode()
     write_atomic(out, lambda f: f.write(text))

@@ -19,6 +19,7 @@ from .config import check_int
 from .data import eval_windows, sample_batch
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
+from .threads import blas_threads
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -118,17 +119,20 @@ def evaluate(params, ids, adapters=None, lora=None, *, block_size, max_windows=6
 
 
 class Progress:
-    """A live line on a terminal (step, loss, tokens/s, time left); plain lines otherwise."""
+    """A live line on a terminal (step, loss, tokens/s, BLAS threads, time left); plain lines otherwise."""
 
     def __init__(self, label, steps, every, stream=None):
         self.label, self.steps, self.every = label, steps, every
+        n = blas_threads()  # tokens/s depends on it (lora_np.threads)
+        self.threads = f"{n} thread{'s' if n > 1 else ''}"
         self.stream = sys.stderr if stream is None else stream
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def update(self, step, loss, tokens_per_s, elapsed):
         done = step + 1
         left = elapsed / done * (self.steps - done)
-        text = f"{self.label} step {done}/{self.steps}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {left:.0f}s left"
+        text = (f"{self.label} step {done}/{self.steps}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s "
+                f"({self.threads})  {left:.0f}s left")  # fmt: skip
         if self.live:
             end = "\n" if done == self.steps else ""
             print(f"\r{text}\x1b[K", end=end, file=self.stream, flush=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import write_atomic
 from ..cli import Parser, check_out_file
+from ..threads import add_threads_flag, apply_threads
 from .exercises import BY_ID, EXERCISES
 
 DEFAULT_TIMEOUT = 120.0  # seconds an exercise may take; the solutions need a few
@@ -144,6 +145,7 @@ def main(argv, prog="python -m lora_np course grade"):
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help=f"seconds each exercise may take (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results here, in Gradescope's results.json format")
+    add_threads_flag(p)
     a = p.parse_args(argv)
     if importlib.util.find_spec("hypothesis") is None:
         p.error("grading draws its test cases with hypothesis, which is not installed: python -m pip install "
@@ -161,6 +163,8 @@ def main(argv, prog="python -m lora_np course grade"):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {a.timeout}")
     except ValueError as e:
         p.error(str(e))
+    # the workers inherit the count; on stderr, so stdout is the grade report alone
+    apply_threads(a.threads, log=lambda line: print(line, file=sys.stderr))
     start = time.perf_counter()
     results = grade(a.dir, only, a.timeout)
     text = table(results, a.dir)
