@@ -14,14 +14,18 @@ lora_np's code, float32, and sets each measurement beside the number that predic
 - the machine's own float32 matmul throughput and elementwise bandwidth, measured in the same run,
   so "flops per second" becomes a share of what this machine can do;
 - trainable numbers, gradient bytes, optimizer state bytes, and the peak memory a training step
-  allocates (tracemalloc: NumPy reports its array allocations to it).
+  allocates (tracemalloc: NumPy reports its array allocations to it);
+- the element-wise share of a step: the time spent in GELU, LayerNorm, the embeddings, the
+  cross-entropy and AdamW.step, each call timed (the softmax inside attention and the residual
+  additions are not counted, so the share is a lower bound);
+- the step at 1 and at 2 BLAS threads, and again while another process keeps one core busy
+  (lora_np.threads chooses each command's thread count from these).
 
 Dimension legend: B batch, T time (= context_length), N = B·T positions, D model width, M MLP
 width, V vocabulary, r LoRA rank, L layers.
 
-Threads: OpenBLAS reads OPENBLAS_NUM_THREADS once, when NumPy is imported, so `--threads N` sets it
-(and OMP_NUM_THREADS, MKL_NUM_THREADS) and re-runs the benchmark in a subprocess unless the
-environment already says N. `--threads env` takes the environment as it is.
+Threads: the main table runs at `--threads N` BLAS threads (default 1), set at run time with
+threadpoolctl; the threads table sets 1 and 2 itself.
 
 Timings are medians over `reps` rounds after a warm-up round; every round runs each variant once
 (round robin), so a burst of load from another process hits all variants alike. Wall-clock and
@@ -38,11 +42,16 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from . import model as model_module
+from . import train as train_module
 from .checkpoint import write_atomic
 from .cli import Parser, check_out_file, fail
 from .config import LORA_TARGETS, LoraConfig, ModelConfig
@@ -53,6 +62,7 @@ from .lora import init_lora, merge
 from .model import model_forward
 from .optim import AdamW
 from .params import Params, cast, init_params
+from .threads import THREAD_VARS, blas_threads, set_blas_threads
 from .train import loss_and_grads
 
 # name -> (model, batch B). "demo" is the demo's model and batch; the larger ones are where matrix
@@ -74,7 +84,14 @@ LORA_VARIANTS = {
 }
 TRAIN_VARIANTS = ("full", *LORA_VARIANTS)
 FORWARD_VARIANTS = ("base", "merged_qv", "lora_qv", "lora_all")
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_COUNTS = (1, 2)  # the threads table: BLAS threads per step
+# The element-wise layers, by the name the model and the trainer call them by -> the kind reported
+ELEMENTWISE = {
+    "gelu_forward": "gelu", "gelu_backward": "gelu",
+    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
+    "embedding_forward": "embedding", "embedding_backward": "embedding",
+    "cross_entropy_forward": "cross_entropy", "cross_entropy_backward": "cross_entropy",
+}  # fmt: skip
 FULL_WEIGHT_DECAY = 0.01  # as the demo trains: AdamW with decay for full fine-tuning, none for LoRA
 DEFAULT_OUT = "runs/bench/bench.json"
 
@@ -120,6 +137,71 @@ def stream_gbps(n, reps):
     return 3 * 4 * n / _round_robin({"add": lambda: np.add(a, b, out=c)}, reps)["add"]["median_s"] / 1e9
 
 
+@contextmanager
+def timed_elementwise(seconds):
+    """Inside the block, each call of an ELEMENTWISE layer or of AdamW.step adds its wall time to
+    seconds[kind] (a defaultdict(float)). The functions are wrapped where the model and the trainer
+    look them up, and restored on the way out."""
+
+    def timed(fn, kind):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[kind] += time.perf_counter() - t0
+
+        return wrapper
+
+    saved = [(AdamW, "step", AdamW.step)]
+    saved += [(m, name, getattr(m, name)) for m in (model_module, train_module) for name in ELEMENTWISE
+              if hasattr(m, name)]  # fmt: skip
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, timed(fn, ELEMENTWISE.get(name, "adamw")))
+        yield seconds
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def elementwise_share(fn, reps):
+    """Median over `reps` calls of fn() of (time in element-wise layers) / (time of the call), and
+    the median seconds per call of each kind."""
+    shares, kinds = [], defaultdict(list)
+    for _ in range(reps):
+        seconds = defaultdict(float)
+        with timed_elementwise(seconds):
+            t0 = time.perf_counter()
+            fn()
+            total = time.perf_counter() - t0
+        shares.append(sum(seconds.values()) / total)
+        for kind, s in seconds.items():
+            kinds[kind].append(s)
+    return statistics.median(shares), {k: statistics.median(v) for k, v in sorted(kinds.items())}
+
+
+@contextmanager
+def busy_core():
+    """Another process keeping one core busy for the duration of the block (a Python loop)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # let it start spinning
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def thread_table(fns, reps):
+    """Median seconds of each fn at each of THREAD_COUNTS BLAS threads: {threads: {name: s}}."""
+    out = {}
+    for n in THREAD_COUNTS:
+        with threadpool_limits(limits=n, user_api="blas"):
+            out[str(n)] = {name: t["median_s"] for name, t in _round_robin(fns, reps).items()}
+    return out
+
+
 def peak_bytes(fn):
     """Peak bytes allocated while fn() runs, above what was allocated before (tracemalloc).
 
@@ -141,7 +223,7 @@ def peak_bytes(fn):
             tracemalloc.stop()
 
 
-def bench_size(name, cfg, batch, reps, square_gflops):
+def bench_size(name, cfg, batch, reps, square_gflops, busy=False):
     """Every figure for one model size; see the module docstring. Returns a JSON-ready dict."""
     T, D = cfg.context_length, cfg.d_model
     N = batch * T
@@ -176,6 +258,11 @@ def bench_size(name, cfg, batch, reps, square_gflops):
 
     steps = {v: step(v) for v in TRAIN_VARIANTS}
     train_t = _round_robin(steps, reps)
+    ew = {v: elementwise_share(steps[v], reps) for v in TRAIN_VARIANTS}
+    threads = {"idle": thread_table({v: steps[v] for v in ("full", "lora_qv")}, reps)}
+    if busy:
+        with busy_core():
+            threads["one_core_busy"] = thread_table({v: steps[v] for v in ("full", "lora_qv")}, reps)
     mm_model = matmul_gflops(N, D, D, reps, transposed=True)  # (N, D) @ (D, D)ᵀ, a projection's shape
     stream = stream_gbps(max(cfg.linear_shape(w)[0] * cfg.linear_shape(w)[1] for w in LORA_TARGETS), reps)
 
@@ -200,6 +287,8 @@ def bench_size(name, cfg, batch, reps, square_gflops):
             "adamw_ops": adam["ops"],
             "adamw_bytes": adam["bytes"],
             "peak_bytes": peak_bytes(steps[v]),
+            "elementwise_share": ew[v][0],
+            "elementwise_s": ew[v][1],
         }
 
     # forward passes (inference, no dropout): base, merged W' = W0 + s·B·A, unmerged adapters
@@ -245,6 +334,7 @@ def bench_size(name, cfg, batch, reps, square_gflops):
         "forward": forward,
         "merge_max_abs_diff": merge_diff,
         "lora_over_full": ratios,
+        "threads": threads,
     }
 
 
@@ -255,24 +345,38 @@ def bench_size(name, cfg, batch, reps, square_gflops):
 def targets(sizes):
     """The benchmark's targets, each with its measured figure and pass/fail (never asserted).
 
-    The step-time and throughput targets are stated for d_model = 512; they are judged at the
-    widest size that was run, and the record says which one.
+    The step-time target is stated for d_model = 512 and judged at the widest size that was run;
+    the throughput targets at d_model = 128 and 512, at the sizes of the run nearest to them. Each
+    record says which size it was judged at.
     """
     out = []
     top = max(sizes, key=lambda s: s["config"]["d_model"])
     D = top["config"]["d_model"]
     r = top["lora_over_full"]["lora_qv"]
     out.append({
-        "target": f"LoRA W_q,W_v step time <= 0.65 x full fine-tuning's (d_model=512; run at {D})",
-        "measured": r["step_time"], "pass": r["step_time"] <= 0.65,
+        "target": f"LoRA W_q,W_v step time <= 0.64 x full fine-tuning's (d_model=512; run at {D})",
+        "measured": r["step_time"], "pass": r["step_time"] <= 0.64,
         "note": f"count predicts {r['flops']:.3f} (matmuls), {r['predicted']:.3f} (matmuls + AdamW traffic)",
     })  # fmt: skip
-    share = top["train"]["full"]["share_of_matmul_model"]
-    out.append({
-        "target": f"full fine-tuning >= 50% of the measured (N, D)@(D, D) matmul throughput (d_model=512; run at {D})",
-        "measured": share, "pass": share >= 0.5,
-        "note": f"{top['train']['full']['gflops_per_s']:.1f} of {top['matmul_model_gflops']:.1f} GFLOP/s",
-    })  # fmt: skip
+    for want, bar in ((128, 0.65), (512, 0.80)):
+        s = min(sizes, key=lambda s: abs(s["config"]["d_model"] - want))
+        full = s["train"]["full"]
+        out.append({
+            "target": f"full fine-tuning step >= {bar:.0%} of the measured (N, D)@(D, D) matmul throughput "
+                      f"(d_model={want}; run at {s['config']['d_model']})",
+            "measured": full["share_of_matmul_model"], "pass": full["share_of_matmul_model"] >= bar,
+            "note": f"{full['gflops_per_s']:.1f} of {s['matmul_model_gflops']:.1f} GFLOP/s; element-wise "
+                    f"layers {full['elementwise_share']:.0%} of the step",
+        })  # fmt: skip
+    for s in sizes:
+        if "one_core_busy" in s["threads"]:
+            idle, busy = s["threads"]["idle"]["1"]["lora_qv"], s["threads"]["one_core_busy"]["1"]["lora_qv"]
+            busy2 = s["threads"]["one_core_busy"]["2"]["lora_qv"] / s["threads"]["idle"]["2"]["lora_qv"]
+            out.append({
+                "target": f"{s['name']}: one BLAS thread, LoRA step with another process on one core <= 1.5x idle",
+                "measured": busy / idle, "pass": busy / idle <= 1.5,
+                "note": f"at 2 threads: x{busy2:.2f} of its idle time",
+            })  # fmt: skip
     for s in sizes:
         vs = s["forward"]["merged_qv"]["vs_base"]
         out.append({
@@ -295,14 +399,15 @@ def table(result):
     """The terminal report of a run, as text."""
     m = result["meta"]
     lines = [
-        f"threads {m['threads']}, load average {m['load_before'][0]:.2f} before / {m['load_after'][0]:.2f} after, "
+        f"BLAS threads {m['blas_threads']}, load average {m['load_before'][0]:.2f} before / "
+        f"{m['load_after'][0]:.2f} after, "
         f"{m['reps']} reps; {m['cpu']} ({m['nproc']} cores), numpy {m['numpy']}, {m['blas']}",
         f"square float32 matmul {m['matmul_square_shape']}: {m['matmul_square_gflops']:.1f} GFLOP/s",
         "",
     ]
     head = (
         f"{'size':<6}{'variant':<10}{'step ms':>9}{'cpu ms':>8}{'pred ms':>9}{'GFLOP':>8}{'GF/s':>7}"
-        f"{'%mm':>6}{'%sq':>6}{'trainable':>12}{'grads MB':>10}{'optim MB':>10}{'peak MB':>9}"
+        f"{'%mm':>6}{'%sq':>6}{'%ew':>6}{'trainable':>12}{'grads MB':>10}{'optim MB':>10}{'peak MB':>9}"
     )
     lines += [head, "-" * len(head)]
     for s in result["sizes"]:
@@ -310,7 +415,8 @@ def table(result):
             lines.append(
                 f"{s['name']:<6}{v:<10}{t['median_s'] * 1e3:>9.1f}{t['cpu_median_s'] * 1e3:>8.1f}"
                 f"{t['predicted_s'] * 1e3:>9.1f}{t['flops']['total'] / 1e9:>8.2f}{t['gflops_per_s']:>7.1f}"
-                f"{t['share_of_matmul_model']:>6.0%}{t['share_of_matmul_square']:>6.0%}{t['trainable']:>12,}"
+                f"{t['share_of_matmul_model']:>6.0%}{t['share_of_matmul_square']:>6.0%}"
+                f"{t['elementwise_share']:>6.0%}{t['trainable']:>12,}"
                 f"{t['grad_bytes'] / 1e6:>10.3f}{t['optimizer_state_bytes'] / 1e6:>10.3f}{t['peak_bytes'] / 1e6:>9.1f}"
             )
         c = s["config"]
@@ -328,10 +434,18 @@ def table(result):
                 f"{s['name']:<6}{v:<11}{t['median_s'] * 1e3:>8.2f}{t['vs_base']:>9.3f}"
                 f"{t['flops']['total'] / 1e9:>8.3f}{t['gflops_per_s']:>7.1f}"
             )
+    lines += ["", f"{'size':<6}{'threads':<14}" + "".join(f"{f'{v} {n}T ms':>16}" for n in THREAD_COUNTS
+                                                     for v in ("full", "lora_qv"))]  # fmt: skip
+    for s in result["sizes"]:
+        for load, t in s["threads"].items():
+            lines.append(f"{s['name']:<6}{load:<14}" + "".join(f"{t[str(n)][v] * 1e3:>16.1f}" for n in THREAD_COUNTS
+                                                               for v in ("full", "lora_qv")))  # fmt: skip
     lines += [
         "",
         "step = loss_and_grads + AdamW.step; pred = matmul flops at the (N,D)@(D,D) rate + AdamW bytes at the "
-        "elementwise rate; %mm, %sq: GF/s as a share of the model-shaped and the square matmul; peak: tracemalloc.",
+        "elementwise rate; %mm, %sq: GF/s as a share of the model-shaped and the square matmul; %ew: share of the "
+        "step in GELU, LayerNorm, embeddings, cross-entropy and AdamW; peak: tracemalloc; nT: n BLAS threads; "
+        "one_core_busy: another process spinning on one core.",
         "",
         "targets:",
     ]
@@ -370,6 +484,7 @@ def run(sizes, reps, out=None, quick=False, log=print):
     meta = {
         **_machine(),
         "threads": {v: os.environ.get(v, "unset") for v in THREAD_VARS},
+        "blas_threads": blas_threads(),
         "load_before": list(os.getloadavg()),
         "reps": reps,
         "quick": quick,
@@ -379,10 +494,11 @@ def run(sizes, reps, out=None, quick=False, log=print):
     meta["matmul_square_shape"] = [S, S, S]
     meta["matmul_square_gflops"] = matmul_gflops(S, S, S, reps)
     results = []
-    for name in sizes:
+    for i, name in enumerate(sizes):
         cfg, batch = known[name]
         log(f"benchmarking {name}: {cfg}, batch {batch} ...")
-        results.append(bench_size(name, cfg, batch, reps, meta["matmul_square_gflops"]))
+        # the busy-core rows at the first (smallest) size only: the demo's, where the collapse was seen
+        results.append(bench_size(name, cfg, batch, reps, meta["matmul_square_gflops"], busy=i == 0))
     meta["load_after"] = list(os.getloadavg())
     result = {"meta": meta, "sizes": results, "targets": targets(results)}
     if out is not None:
@@ -394,14 +510,12 @@ def run(sizes, reps, out=None, quick=False, log=print):
 
 
 def _threads(value):
-    if value == "env":
-        return value
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'env', got {value!r}")
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value!r}")
     return n
 
 
@@ -414,9 +528,8 @@ def main(argv=None):
     )
     p.add_argument("--sizes", default=None, help=f"comma-separated sizes from {', '.join(SIZES)} (default all)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds after a warm-up (default 7; 2 with --quick)")
-    p.add_argument("--threads", type=_threads, default=1,
-                   help="BLAS threads: sets OPENBLAS_NUM_THREADS etc. and re-runs in a subprocess; "
-                        "'env' keeps the environment's setting (default 1)")  # fmt: skip
+    p.add_argument("--threads", type=_threads, default=1, metavar="N",
+                   help="BLAS threads for the main table (default 1); the threads table runs 1 and 2")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT}); a PNG beside it")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes ({', '.join(QUICK_SIZES)}), 2 reps: seconds")
     a = p.parse_args(argv)
@@ -431,10 +544,7 @@ def main(argv=None):
         check_out_file("--out", a.out, create_parents=True)
     except ValueError as e:
         fail(p.prog, str(e))
-    if a.threads != "env" and any(os.environ.get(v) != str(a.threads) for v in THREAD_VARS):
-        env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(a.threads))}
-        print(f"re-running with {'='.join(THREAD_VARS[:1])}={a.threads} (BLAS reads it once, at start)", flush=True)
-        return subprocess.run([sys.executable, "-m", "lora_np.bench", *argv], env=env).returncode
+    set_blas_threads(a.threads)
     result = run(sizes, reps, a.out, quick=a.quick)
     print(table(result))
     print(f"\nwrote {a.out}")  # `python -m lora_np bench` then draws it (lora_np.figures_bench)

@@ -4,9 +4,7 @@ Timings are never asserted (they depend on the machine and its load); counts and
 """
 
 import json
-import os
-import subprocess
-import sys
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -22,11 +20,11 @@ from lora_np.train import loss_and_grads
 TRAIN_KEYS = {
     "wall_s", "cpu_s", "median_s", "cpu_median_s", "flops", "gflops_per_s", "share_of_matmul_model",
     "share_of_matmul_square", "predicted_s", "trainable", "grad_bytes", "optimizer_state_bytes", "adamw_ops",
-    "adamw_bytes", "peak_bytes",
+    "adamw_bytes", "peak_bytes", "elementwise_share", "elementwise_s",
 }  # fmt: skip
 FORWARD_KEYS = {"wall_s", "cpu_s", "median_s", "cpu_median_s", "flops", "gflops_per_s", "vs_base"}
 META_KEYS = {
-    "cpu", "nproc", "numpy", "blas", "python", "threads", "load_before", "load_after", "reps", "quick",
+    "cpu", "nproc", "numpy", "blas", "python", "threads", "blas_threads", "load_before", "load_after", "reps", "quick",
     "started", "matmul_square_shape", "matmul_square_gflops",
 }  # fmt: skip
 
@@ -34,9 +32,8 @@ META_KEYS = {
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    # "env": in this process, whatever the BLAS threads are; the subprocess path is tested below
     # the command as a user runs it: lora_np.bench measures, `python -m lora_np bench` also draws
-    assert cli_main(["bench", "--quick", "--threads", "env", "--out", str(out)]) == 0
+    assert cli_main(["bench", "--quick", "--threads", "1", "--out", str(out)]) == 0
     return out, json.loads(out.read_text())
 
 
@@ -55,6 +52,15 @@ def test_quick_run_writes_every_key(quick):
             assert set(t) == FORWARD_KEYS
         assert set(s["lora_over_full"]) == {"lora_qv", "lora_all"}
         assert s["merge_max_abs_diff"] < 1e-5  # the merged model computes what the unmerged one does
+        # the threads table: idle at every size, with a busy core at the first one only
+        assert list(s["threads"]) == (["idle", "one_core_busy"] if s is res["sizes"][0] else ["idle"])
+        for by_threads in s["threads"].values():
+            assert list(by_threads) == ["1", "2"]
+            assert all(set(t) == {"full", "lora_qv"} and min(t.values()) > 0 for t in by_threads.values())
+        for t in s["train"].values():
+            assert 0 < t["elementwise_share"] < 1
+            assert set(t["elementwise_s"]) == {"gelu", "layernorm", "embedding", "cross_entropy", "adamw"}
+    assert res["meta"]["blas_threads"] == 1
     for t in res["targets"]:
         assert set(t) == {"target", "measured", "pass", "note"} and isinstance(t["pass"], bool)
     assert out.with_suffix(".png").stat().st_size > 10_000  # the figure of this run, beside its JSON
@@ -176,7 +182,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="sizes must be names from"):
         run(["d1024"], 1)
     with pytest.raises(SystemExit):
-        main(["--sizes", "d1024", "--threads", "env"])
+        main(["--sizes", "d1024"])
+    with pytest.raises(SystemExit):
+        main(["--threads", "env"])
 
 
 def test_draw_bench_without_a_json_runs_the_quick_benchmark(tmp_path):
@@ -185,15 +193,23 @@ def test_draw_bench_without_a_json_runs_the_quick_benchmark(tmp_path):
     assert len(fig.axes) >= 6
 
 
-def test_threads_flag_reruns_with_the_environment_set(tmp_path):
-    out = tmp_path / "b.json"
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
-    r = subprocess.run(
-        [sys.executable, "-m", "lora_np.bench", "--quick", "--sizes", "q32", "--reps", "1", "--threads", "1",
-         "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "re-running with OPENBLAS_NUM_THREADS=1" in r.stdout and "targets:" in r.stdout
-    threads = json.loads(out.read_text())["meta"]["threads"]
-    assert threads == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def test_timed_elementwise_times_every_elementwise_call_and_restores_the_functions():
+    """Each wrapped layer runs (the loss is the unwrapped one's, bit for bit) and is put back after."""
+    from lora_np.optim import AdamW
+    from lora_np.bench import ELEMENTWISE, timed_elementwise
+
+    cfg = QUICK_SIZES["q32"][0]
+    params = cast(init_params(cfg, seed=0), np.float32)
+    x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 2, cfg.context_length))
+    before = {name: getattr(model_module, name) for name in ELEMENTWISE if hasattr(model_module, name)}
+    step = AdamW.step
+    plain = loss_and_grads(params, x, y)[0]
+    seconds = defaultdict(float)
+    with timed_elementwise(seconds):
+        assert model_module.gelu_forward is not before["gelu_forward"]
+        loss, grads = loss_and_grads(params, x, y)
+        AdamW(params, lr=1e-3).step(grads)
+    assert loss == plain
+    assert set(seconds) == {"gelu", "layernorm", "embedding", "cross_entropy", "adamw"}
+    assert all(s > 0 for s in seconds.values())
+    assert {name: getattr(model_module, name) for name in before} == before and AdamW.step is step
