@@ -9,11 +9,13 @@ The one equation behind all of LoRA's savings (paper Section 4.1): a weight W0 o
     r·d_in + d_out·r = r·(d_in + d_out)
 
 Summed over L layers and the adapted matrices, this is the paper's |Θ| = 2·L̂_LoRA·d_model·r
-(Section 5.1) when every adapted matrix is square (D, D).
+(Section 5.1) when every adapted matrix is square (D, D). The same section counts its adapter
+baselines as |Θ| = L̂_Adpt·(2·d_model·r + r + d_model) + 2·L̂_LN·d_model (adapter_params).
 
 Three kinds of function live here:
 - formulas from shapes alone: weight_params, lora_params, block_shapes, lora_transformer_params,
-  gpt_params, and config_params / config_lora_params for a lora_np ModelConfig / LoraConfig;
+  adapter_params (the paper's adapter baselines), gpt_params, and config_params /
+  config_lora_params for a lora_np ModelConfig / LoraConfig;
 - count_arrays, which counts the numbers actually held by a Params or adapter dict, so the
   formulas can be checked against a real model (tests/test_counting.py does, over many configs);
 - memory: checkpoint_bytes at a dtype's width, adam_state_numbers (Adam keeps two moments, m and v,
@@ -152,6 +154,40 @@ def lora_transformer_params(n_layers, ranks, shapes):
         except (TypeError, ValueError) as e:
             raise type(e)(f"ranks[{name!r}]: {e}") from None  # say which matrix the bad rank was for
     return n_layers * per_block
+
+
+def adapter_params(n_adapter_layers, d_model, r, n_trainable_layernorms=0):
+    """Trainable numbers of bottleneck adapters, by the LoRA paper's formula (Section 5.1):
+
+        |Θ| = L̂_Adpt × (2·d_model·r + r + d_model) + 2·L̂_LN·d_model
+
+    One adapter layer is two fully connected layers with biases and a nonlinearity between them,
+    added to the residual stream: a down-projection W_down (r, D) with b_down (r,), then an
+    up-projection W_up (D, r) with b_up (D,), so 2·D·r + r + D numbers; r is the bottleneck width.
+    A trainable LayerNorm adds its gain and bias, 2·D.
+
+    The paper's variants differ in L̂_Adpt (adapter layers) and L̂_LN (trained LayerNorms):
+        AdapterH (Houlsby et al. 2019): two per block, after attention and after the MLP:
+                  L̂_Adpt = 2·L. The paper counts no LayerNorm for it (its GPT-3 rows, Tables 4
+                  and 15, come out exactly with L̂_LN = 0), although Houlsby et al. train them too.
+        AdapterL (Lin et al. 2020): one per block, after the MLP and a LayerNorm: L̂_Adpt = L,
+                  and its LayerNorms are the paper's example of L̂_LN.
+        AdapterP (Pfeiffer et al. 2021): "very similar" to AdapterL.
+        AdapterD (Rücklé et al. 2020, AdapterDrop): drops some adapter layers, so fewer than 2·L.
+
+    Inputs:
+    - n_adapter_layers: int >= 1, L̂_Adpt
+    - d_model: int >= 1, D, the width each adapter reads and writes
+    - r: int >= 1, the bottleneck width
+    - n_trainable_layernorms: int >= 0, L̂_LN
+
+    Returns:
+    - int
+    """
+    n_adapter_layers, d_model = check_int("n_adapter_layers", n_adapter_layers), check_int("d_model", d_model)
+    r = check_int("r", r)
+    n_trainable_layernorms = check_int("n_trainable_layernorms", n_trainable_layernorms, minimum=0)
+    return n_adapter_layers * (2 * d_model * r + r + d_model) + 2 * n_trainable_layernorms * d_model
 
 
 def gpt_params(n_layers, d_model, d_mlp, vocab_size, context_length, tied_head=True):

@@ -11,6 +11,7 @@ from lora_np.counting import (
     PAPER_MODELS,
     adam_state_bytes,
     adam_state_numbers,
+    adapter_params,
     block_shapes,
     checkpoint_bytes,
     config_lora_params,
@@ -117,6 +118,55 @@ def test_gpt3_qv_rank4_by_hand():
     gpt3 = PAPER_MODELS["GPT-3 175B"]
     shapes = block_shapes(gpt3["d_model"], gpt3["d_mlp"])
     assert lora_transformer_params(96, {"W_q": 4, "W_v": 4}, shapes) == by_hand
+
+
+# ----- adapter baselines (the paper's Section 5.1) -----------------------------------------------
+
+
+def bottleneck_arrays(d_model, r, rng):
+    """One adapter layer written out: down-projection and its bias, up-projection and its bias."""
+    return {
+        "W_down": rng.normal(size=(r, d_model)),  # (r, D)
+        "b_down": rng.normal(size=r),  # (r,)
+        "W_up": rng.normal(size=(d_model, r)),  # (D, r)
+        "b_up": rng.normal(size=d_model),  # (D,)
+    }
+
+
+def bottleneck_forward(h, p):
+    """h + W_up·relu(W_down·h + b_down) + b_up, tokens in rows: the function those arrays are for."""
+    return h + np.maximum(h @ p["W_down"].T + p["b_down"], 0.0) @ p["W_up"].T + p["b_up"]
+
+
+@given(st.integers(1, 6), st.integers(1, 24), st.integers(1, 24), st.integers(0, 6), st.integers(0, 2**16))
+def test_adapter_params_counts_the_arrays_of_written_out_bottlenecks(n_layers, d_model, r, n_ln, seed):
+    rng = np.random.default_rng(seed)
+    layers = [bottleneck_arrays(d_model, r, rng) for _ in range(n_layers)]
+    layernorms = [{"gamma": np.ones(d_model), "beta": np.zeros(d_model)} for _ in range(n_ln)]
+    h = rng.normal(size=(3, d_model))  # (N, D): the arrays have the shapes the forward needs
+    for p in layers:
+        h = bottleneck_forward(h, p)
+    assert h.shape == (3, d_model)
+    counted = sum(a.size for arrays in layers + layernorms for a in arrays.values())
+    assert adapter_params(n_layers, d_model, r, n_trainable_layernorms=n_ln) == counted
+
+
+@pytest.mark.parametrize(
+    "r, printed",
+    [(1, "7.1"), (4, "21.2"), (8, "40.1"), (16, "77.9"), (64, "304.4")],  # LoRA paper, Tables 4 and 15, AdapterH
+)
+def test_adapter_params_reproduces_the_papers_gpt3_adapterH_rows(r, printed):
+    # AdapterH: two adapter layers in each of GPT-3's 96 blocks, d_model = 12,288, no LayerNorm counted
+    by_hand = 2 * 96 * ((12288 * r + r) + (r * 12288 + 12288))  # W_down and b_down, then W_up and b_up
+    assert adapter_params(2 * 96, 12288, r) == by_hand
+    assert f"{by_hand / 1e6:.1f}" == printed
+
+
+def test_adapter_params_known_cases():
+    assert adapter_params(1, 1, 1) == 4  # W_down (1, 1), b_down (1,), W_up (1, 1), b_up (1,)
+    assert adapter_params(1, 4, 2) == 8 + 2 + 8 + 4
+    assert adapter_params(1, 4, 2, n_trainable_layernorms=1) == 22 + 8  # gamma and beta, 4 each
+    assert adapter_params(2 * 96, 12288, 1) == 7_078_080
 
 
 # ----- formulas against the arrays of real lora_np models ---------------------------------------
@@ -249,6 +299,15 @@ SHAPES = block_shapes(8, 16)
         (lambda: checkpoint_bytes(10, "int8"), ValueError, r"dtype must be a floating-point dtype .* got 'int8'"),
         (lambda: checkpoint_bytes(10, "fp16"), ValueError, r"dtype must be a floating-point dtype .* got 'fp16'"),
         (lambda: adam_state_numbers(2.5), TypeError, r"n_trainable must be an int, got 2\.5"),
+        (lambda: adapter_params(0, 8, 2), ValueError, r"n_adapter_layers must be an int >= 1, got 0"),
+        (lambda: adapter_params(2, 8.0, 2), TypeError, r"d_model must be an int, got 8\.0 \(float\)"),
+        (lambda: adapter_params(2, 8, 0), ValueError, r"r must be an int >= 1, got 0"),
+        (lambda: adapter_params(2, 8, True), TypeError, r"r must be an int, got True \(bool\)"),
+        (
+            lambda: adapter_params(2, 8, 2, n_trainable_layernorms=-1),
+            ValueError,
+            r"n_trainable_layernorms must be an int >= 0, got -1",
+        ),
     ],
 )
 def test_bad_input_names_the_argument_the_value_and_what_is_allowed(call, error, message):

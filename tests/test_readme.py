@@ -1,7 +1,11 @@
-"""The README's worked example runs as written (its asserts are part of the example)."""
+"""The README's worked example runs as written (its asserts are part of the example), and the numbers
+its demo section states agree with the demo table they come from."""
 
 import re
 from pathlib import Path
+
+from lora_np.counting import config_lora_params, config_params
+from lora_np.demo import DemoConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,3 +15,26 @@ def test_readme_python_blocks_run():
     assert blocks, "README.md should show a worked example in a ```python block"
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
+
+
+def demo_table_row(readme, label):
+    """(trainable, val new, val old) of one row of the demo's printed table."""
+    match = re.search(rf"^ +{re.escape(label)} +([\d,]+|-) .*$", readme, flags=re.M)
+    assert match, f"README.md's demo table has no row {label!r}"
+    losses = re.findall(r"\b\d+\.\d{4}\b", match.group(0))  # val new, val old: the two 4-decimal columns
+    assert len(losses) == 2, f"row {label!r} should hold two losses with 4 decimals, got {losses}: {match.group(0)!r}"
+    return match.group(1), float(losses[0]), float(losses[1])
+
+
+def test_the_demo_section_states_what_its_table_shows():
+    readme = README.read_text(encoding="utf-8")
+    demo = DemoConfig()
+    _, base_new, _ = demo_table_row(readme, "pretrained base")
+    n_full, full_new, _ = demo_table_row(readme, "full fine-tuning")
+    n_lora, lora_new, _ = demo_table_row(readme, f"LoRA r={demo.rank} W_q,W_v")
+    gap = (base_new - lora_new) / (base_new - full_new)  # (L_base - L_lora) / (L_base - L_full)
+    # the trainable counts are the demo configuration's, by formula
+    assert (n_full, n_lora) == (f"{config_params(demo.model):,}", f"{config_lora_params(demo.model, demo.lora()):,}")
+    # the table's summary line, as the demo prints it, and the prose below it, rounded to a percent
+    assert f"LoRA closes {gap:.1%} of the gap" in readme, f"the table's losses give {gap:.1%}"
+    assert f"LoRA closes {gap:.0%} of the gap" in " ".join(readme.split()), f"the table's losses give {gap:.0%}"
