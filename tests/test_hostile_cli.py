@@ -59,9 +59,9 @@ MISUSES = [
     (["figures", "--out", "{F}"], "is a file; it must be a folder"),
     (["figures", "--out", ""], "--out must be a folder path"),
     # bench
-    (["bench", "--quick", "--threads", "env", "--out", "{D}"], "is a folder; it must be a file path"),
-    (["bench", "--quick", "--threads", "env", "--out", ""], "--out must be a file path"),
-    (["bench", "--quick", "--threads", "env", "--out", "{F}/x.json"], "is not a folder"),
+    (["bench", "--quick", "--threads", "1", "--out", "{D}"], "is a folder; it must be a file path"),
+    (["bench", "--quick", "--threads", "1", "--out", ""], "--out must be a file path"),
+    (["bench", "--quick", "--threads", "1", "--out", "{F}/x.json"], "is not a folder"),
     # experiments
     (["experiments", "--out", "/nonexistent_dir_lora_np/x.json"], "does not exist"),
     (["experiments", "--out", ""], "--out must be a file path"),
