@@ -63,6 +63,7 @@ from .lora import init_lora, merge
 from .model import model_forward
 from .optim import AdamW
 from .params import Params, cast, init_params
+from .serving import bench_serving, serving_table
 from .threads import THREAD_VARS, blas_threads, set_blas_threads
 from .train import loss_and_grads
 
@@ -500,8 +501,17 @@ def run(sizes, reps, out=None, quick=False, log=print):
         log(f"benchmarking {name}: {cfg}, batch {batch} ...")
         # the busy-core rows at the first (smallest) size only: the demo's, where the collapse was seen
         results.append(bench_size(name, cfg, batch, reps, meta["matmul_square_gflops"], busy=i == 0))
+    # Serving, beside the training steps: one mixed batch with a different adapter per row, unmerged,
+    # against one merged model per task (the paper's Section 4.2 limitation; lora_np.serving)
+    result_serving = bench_serving(("demo", "d128"), reps, quick=quick, log=log)
+    # Inference latency per token, the paper's Table 1: base, merged and unmerged LoRA, and the adapter
+    # baselines (sequential layers that cannot be merged; lora_np.bench_latency)
+    from .bench_latency import measure_latency  # here: bench_latency imports this module
+
+    result_latency = measure_latency(quick=quick, log=log)
     meta["load_after"] = list(os.getloadavg())
-    result = {"meta": meta, "sizes": results, "targets": targets(results)}
+    result = {"meta": meta, "sizes": results, "targets": targets(results), "serving": result_serving,
+              "latency": result_latency}  # fmt: skip
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -522,6 +532,8 @@ def _threads(value):
 
 def main(argv=None):
     """`python -m lora_np bench [--sizes demo,d512] [--reps 7] [--threads 1] [--out FILE] [--quick]`."""
+    from .bench_latency import latency_table  # here: bench_latency imports this module
+
     argv = sys.argv[1:] if argv is None else list(argv)
     p = Parser(
         prog="python -m lora_np bench",
@@ -548,6 +560,8 @@ def main(argv=None):
     set_blas_threads(a.threads)
     result = run(sizes, reps, a.out, quick=a.quick)
     print(table(result))
+    print("\nmulti-adapter serving (lora_np.serving):\n" + serving_table(result["serving"]))
+    print("\ninference latency per token (lora_np.bench_latency):\n" + latency_table(result["latency"]))
     print(f"\nwrote {a.out}")  # `python -m lora_np bench` then draws it (lora_np.figures_bench)
     return 0
 

@@ -12,9 +12,13 @@ from numbers import Integral, Real
 # MLP to future work (Section 4.2); W_1 and W_2 are offered as that extension. W_e, W_p
 # (lookups) and W_u (the output head) are not offered.
 LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
+DEFAULT_TARGETS = ("W_q", "W_v")  # LoraConfig's default, the paper's choice for GPT-3 (Section 7.1)
 LORA_INITS = ("gaussian", "kaiming", "pissa")
-# LoRA and two of its successors; each is a forward/backward pair (layers.py, dora.py, vera.py)
-LORA_METHODS = ("lora", "dora", "vera")
+# The adapter baselines of the paper's Section 5.1 and Table 1: bottleneck layers inserted into each
+# block (adapters.py). They adapt no weight, so they cannot be merged: the latency LoRA removes.
+ADAPTER_METHODS = ("adapter_h", "adapter_l")
+# LoRA and two of its successors, each a forward/backward pair (layers.py, dora.py, vera.py); then the adapters
+LORA_METHODS = ("lora", "dora", "vera", *ADAPTER_METHODS)
 BASE_QUANTS = (None, "nf4")
 
 
@@ -71,14 +75,16 @@ class LoraConfig:
     r: int = 4  # rank of ΔW = B·A
     alpha: float = 4.0  # the paper's α; dividing by r "helps to reduce the need to retune" the lr when r
     #                     changes (Section 4.1), it does not remove it: notebook 02 (7d) measures the rest
-    targets: tuple = ("W_q", "W_v")  # the paper's choice for GPT-3 (Section 7.1)
+    targets: tuple = DEFAULT_TARGETS  # the paper's choice for GPT-3 (Section 7.1)
     dropout: float = 0.0  # inverted dropout on the input of A, training only
     init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default;
     #                         "pissa": A, B from W0's top-r singular triplets, W0 replaced by the residual
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     # The successors (each a choice the paper's LoRA is the default of):
     method: str = "lora"  # "dora": W' = m ⊙ (W0 + s·B·A)/‖·‖ (Liu et al. 2024); "vera": shared frozen A, B and
-    #                       trainable vectors, h = W0·x + Λ_b·B·Λ_d·A·x (Kopiczko et al. 2024)
+    #                       trainable vectors, h = W0·x + Λ_b·B·Λ_d·A·x (Kopiczko et al. 2024);
+    #                       "adapter_h", "adapter_l": not LoRA but the paper's adapter baselines (AdapterH, Houlsby
+    #                       et al. 2019; AdapterL, Lin et al. 2020), with r the bottleneck width: adapters.py
     lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's; the paper recommends 16
     dora_exact_norm: bool = False  # DoRA: differentiate through ‖W0 + s·B·A‖ (exact) instead of treating
     #                                it as a constant in the backward (the DoRA paper's Section 4.3, PEFT's)
@@ -101,10 +107,20 @@ class LoraConfig:
                 f"targets must be a tuple or list of names such as ('W_q', 'W_v'), got {self.targets!r:.60}"
             )
         targets = tuple(self.targets)
+        adapter = isinstance(self.method, str) and self.method in ADAPTER_METHODS
+        if adapter:
+            # An adapter adapts no weight: its targets are (). The default is accepted and dropped, as a frozen
+            # dataclass cannot tell it from one not given; any other choice would not mean what it says.
+            if targets not in ((), DEFAULT_TARGETS):
+                raise ValueError(
+                    f"method={self.method!r} inserts bottleneck layers after fixed sublayers and "
+                    f"adapts no weight: targets must be () or left at its default, got {targets}"
+                )
+            targets = ()
         for t in targets:
             if t not in LORA_TARGETS:
                 raise ValueError(f"unknown LoRA target {t!r} in targets; valid targets are {LORA_TARGETS}")
-        if not targets:
+        if not targets and not adapter:
             raise ValueError(f"targets must name at least one of {LORA_TARGETS}, got an empty sequence")
         if len(set(targets)) != len(targets):
             raise ValueError(f"targets must not repeat a name, got {targets}")
@@ -130,6 +146,17 @@ class LoraConfig:
         if self.base_quant not in BASE_QUANTS:
             raise ValueError(f"base_quant must be one of {BASE_QUANTS}, got {self.base_quant!r}")
         # combinations that would not mean what they say
+        if adapter:
+            defaults = {"alpha": 4.0, "dropout": 0.0, "init": "gaussian", "rslora": False, "lr_ratio": 1.0,
+                        "base_quant": None}  # fmt: skip
+            changed = {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
+            if changed:
+                raise ValueError(
+                    f"method={self.method!r} is an adapter (r = its bottleneck width): it has no scaling alpha/r, no "
+                    f"dropout on A, no initialization of A and B to choose, no lr_B/lr_A and no quantized base; leave "
+                    f"{', '.join(defaults)} at their defaults, got "
+                    + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+                )
         if self.init == "pissa" and self.method != "lora":
             raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={self.method!r} has its own")
         if self.method == "vera" and (self.rslora or self.lr_ratio != 1.0 or self.init != "gaussian"):
@@ -145,5 +172,5 @@ class LoraConfig:
 
     @property
     def scaling(self):
-        """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora. (VeRA has no s.)"""
+        """s in h = W0·x + s·B·A·x: alpha/r (paper), or alpha/sqrt(r) with rslora. (VeRA and the adapters have no s.)"""
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_params, save_adapters, save_params, write_atomic
 from .cli import check_out_dir
-from .config import LoraConfig, ModelConfig, check_int
+from .config import ADAPTER_METHODS, LoraConfig, ModelConfig, check_int
 from .counting import count_arrays
 from .data import VOCAB, decode, encode, eval_windows, make_splits
 from .lora import check_rank, merge, trainable_adapters
@@ -44,7 +44,8 @@ class DemoConfig:
     rank: int = 4
     alpha: float = 4.0
     targets: tuple = ("W_q", "W_v")
-    method: str = "lora"  # or one of LoRA's successors: "dora", "vera" (LoraConfig explains each)
+    method: str = "lora"  # or one of LoRA's successors: "dora", "vera" (LoraConfig explains each), or the
+    #                       paper's adapter baselines "adapter_h", "adapter_l" (rank = their bottleneck width)
     init: str = "gaussian"  # "pissa": A and B from W0's top singular triplets
     lr_ratio: float = 1.0  # LoRA+: B's learning rate over A's
     base_quant: str = None  # "nf4": QLoRA's 4-bit base
@@ -214,10 +215,12 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
 
     # merge check: W' = W0 + s·B·A as a plain model against the unmerged adapters
     x, _ = eval_windows(new_val, T, 16)
-    merged = merge(lora_base, adapters, lora)
-    unmerged_logits, _ = model_forward(lora_base, x, adapters, lora)
-    merged_logits, _ = model_forward(merged, x)
-    merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
+    merge_diff = None  # adapter layers cannot be merged (lora_np.adapters): nothing to check
+    if lora.method not in ADAPTER_METHODS:
+        merged = merge(lora_base, adapters, lora)
+        unmerged_logits, _ = model_forward(lora_base, x, adapters, lora)
+        merged_logits, _ = model_forward(merged, x)
+        merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
 
     prompt = encode("the ")
     samples = {
@@ -257,7 +260,8 @@ def gap_closed(L_base, L_method, L_full):
 
 def method_label(lora):
     """A short name for the adapter method, e.g. "LoRA r=4", "DoRA r=4", "LoRA+ r=4 λ=16", "QLoRA r=4"."""
-    name = {"lora": "LoRA", "dora": "DoRA", "vera": "VeRA"}[lora.method]
+    names = {"lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "adapter_h": "AdapterH", "adapter_l": "AdapterL"}
+    name = names[lora.method]
     if lora.base_quant == "nf4":
         name = "QLoRA"
     if lora.init == "pissa":
@@ -270,13 +274,14 @@ def method_label(lora):
 def report(res, cfg):
     """The demo's table and notes, as text."""
     rows, n = res["rows"], res["total_params"]
-    targets = ",".join(cfg.targets)
+    targets = ",".join(cfg.lora().targets)  # () for the adapter baselines, which adapt no weight
     head = (
         f"{'method':<26}{'trainable':>11}{'share':>8}{'optim state':>13}{'file':>11}"
         f"{'val new':>9}{'val old':>9}{'time':>8}"
     )
     lines = [head, "-" * len(head)]
-    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": f"{method_label(cfg.lora())} {targets}"}
+    lora_row = f"{method_label(cfg.lora())} {targets}".rstrip()  # no targets: an adapter baseline
+    names = {"base": "pretrained base", "full": "full fine-tuning", "lora": lora_row}
     for key in ("base", "full", "lora"):
         r = rows[key]
         t = res["pretrain_seconds"] if key == "base" else r["seconds"]
@@ -290,12 +295,15 @@ def report(res, cfg):
     if res["gap_closed"] is None:
         gap = f"LoRA's share of the gap {ratio} is undefined: full fine-tuning did not move the loss"
     else:
-        gap = f"LoRA closes {res['gap_closed']:.1%} of the gap {ratio}"
+        who = method_label(cfg.lora()) if cfg.lora().method in ADAPTER_METHODS else "LoRA"
+        gap = f"{who} closes {res['gap_closed']:.1%} of the gap {ratio}"
     lines += [
         "",
         "val new: validation loss on the fine-tuning domain (Yoda order); val old: on the pretraining domain.",
         f"{gap}, with {res['fewer_params']:.1f}x fewer trainable parameters.",
-        f"merged (W0 + s·B·A) vs unmerged LoRA logits, float32: max |difference| = {res['merge_max_abs_diff']:.2e}",
+        f"merged (W0 + s·B·A) vs unmerged LoRA logits, float32: max |difference| = {res['merge_max_abs_diff']:.2e}"
+        if res["merge_max_abs_diff"] is not None
+        else "adapter layers cannot be merged into the weights: inference runs them (the latency of Table 1)",
         "",
         "samples from the prompt 'the ':",
     ]

@@ -18,12 +18,16 @@ here too (adapter_names): DoRA adds a magnitude m (d_out,) to each A, B pair; Ve
 vectors per adapted weight on one frozen random pair per weight shape ("vera." names, never
 trained). merge and unmerge hand them, and a 4-bit base, to lora_np.variants.
 
+The paper's adapter baselines (method "adapter_h", "adapter_l"; see lora_np.adapters) are named
+here as well, so that model_forward, the trainer and the checkpoints take them as they take LoRA;
+they adapt no weight (their targets are ()), and merge refuses them: they are extra layers.
+
 Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
 """
 
 import numpy as np
 
-from .config import LoraConfig, ModelConfig
+from .config import ADAPTER_METHODS, LoraConfig, ModelConfig
 from .params import Params, check_seed, is_quantized
 
 
@@ -33,8 +37,13 @@ def adapter_names(cfg, lora):
     method "lora": A (r, d_in) and B (d_out, r) per adapted weight; "dora" adds the magnitude
     m (d_out,); "vera" has two trainable vectors per adapted weight, lambda_d (r,) and
     lambda_b (d_out,), and one frozen random pair per weight shape, shared by every layer:
-    "vera.{d_out}x{d_in}.A" (r, d_in) and ".B" (d_out, r).
+    "vera.{d_out}x{d_in}.A" (r, d_in) and ".B" (d_out, r). The adapter methods: their bottleneck
+    layers' arrays (lora_np.adapters.adapter_layer_names).
     """
+    if lora.method in ADAPTER_METHODS:
+        from lora_np.adapters import adapter_layer_names
+
+        return adapter_layer_names(cfg, lora)
     names = {}
     if lora.method == "vera":
         for t in lora.targets:
@@ -70,7 +79,13 @@ def vera_shared(adapters, cfg, target):
 
 
 def check_rank(cfg, lora):
-    """r must not exceed min(d_out, d_in) of any target: beyond it B·A cannot gain rank."""
+    """r must not exceed min(d_out, d_in) of any target: beyond it B·A cannot gain rank. For an
+    adapter, r is the bottleneck's width and must not exceed d_model: a wider one is no bottleneck."""
+    if lora.method in ADAPTER_METHODS:
+        if lora.r > cfg.d_model:
+            raise ValueError(f"r is the bottleneck width of method={lora.method!r} and must be between 1 and "
+                             f"d_model = {cfg.d_model}, got r={lora.r}")  # fmt: skip
+        return
     for t in lora.targets:
         d_out, d_in = cfg.linear_shape(t)
         if lora.r > min(d_out, d_in):
@@ -106,6 +121,10 @@ def init_lora(cfg, lora, seed):
         from lora_np.variants import init_vera
 
         return init_vera(cfg, lora, seed)
+    if lora.method in ("adapter_h", "adapter_l"):  # config.ADAPTER_METHODS: bottleneck layers, not a ΔW
+        from lora_np.adapters import init_adapter_layers
+
+        return init_adapter_layers(cfg, lora, seed)
     if lora.method == "dora" or lora.init == "pissa":
         raise ValueError(f"method={lora.method!r}, init={lora.init!r} initializes from the base weights W0: "
                          f"use lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")

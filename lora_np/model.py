@@ -19,12 +19,19 @@ Forward (pre-LayerNorm, GPT-2 style), numbered as the backward undoes it:
 A linear weight named in `lora.targets` runs through lora_linear_forward instead of
 linear_forward: h = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ.
 
+The paper's adapter baselines (lora.method "adapter_h", "adapter_l"; lora_np.adapters) add
+layers instead, Adapter(h) = h + W_up·f(W_down·h + b_down) + b_up:
+      4a. AdapterH: on y·W_oᵀ + b_o, before the residual add of stage 4
+      8a. AdapterH: on z·W_2ᵀ + b_2, before the residual add of stage 8
+      9.  AdapterL: x = x + W_up·f(W_down·LN_a(x) + b_down) + b_up, after stage 8
+
 model_backward forms a gradient only for the names in `trainable`; everything else is
 frozen and its gradient is never computed (the saving LoRA is about).
 """
 
 import numpy as np
 
+from .adapters import adapter_backward, adapter_forward, adapter_ln_backward, adapter_ln_forward
 from .dora import dora_linear_backward, dora_linear_forward
 from .layers import (
     attention_backward,
@@ -135,38 +142,83 @@ def _layernorm_backward(dout, cache, prefix, want, grads):
 
 
 # ----------------------------------------------------------------------------
+# the adapter layers of the adapter baselines (AdapterH: GELU, Houlsby et al.; AdapterL: ReLU, Lin et al.)
+
+_BOTTLENECK = ("W_down", "b_down", "W_up", "b_up")
+
+
+def _adapter_layer_forward(h, adapters, name):
+    """AdapterH's layer on h, or AdapterL's (with its LayerNorm) when `name` ends in "adapter"."""
+    w = [adapters[f"{name}.{k}"] for k in _BOTTLENECK]
+    if name.endswith(".adapter"):
+        return adapter_ln_forward(h, adapters[name + ".ln.gamma"], adapters[name + ".ln.beta"], *w, act="relu")
+    return adapter_forward(h, *w, act="gelu")
+
+
+def _adapter_layer_backward(dout, cache, name, want, grads):
+    need = {f"need_d{k}": f"{name}.{k}" in want for k in _BOTTLENECK}
+    if name.endswith(".adapter"):
+        dh, *g = adapter_ln_backward(dout, cache, need_dgamma=name + ".ln.gamma" in want,
+                                     need_dbeta=name + ".ln.beta" in want, **need)  # fmt: skip
+        keys = ("ln.gamma", "ln.beta", *_BOTTLENECK)
+    else:
+        dh, *g = adapter_backward(dout, cache, **need)
+        keys = _BOTTLENECK
+    grads.update({f"{name}.{k}": gk for k, gk in zip(keys, g, strict=True) if gk is not None})
+    return dh
+
+
+# ----------------------------------------------------------------------------
 # one transformer block
 
 
 def block_forward(x, params, l, adapters, lora, train, rng):
-    """One pre-LN block. x: (B, T, D) -> (B, T, D), and its cache."""
+    """One pre-LN block. x: (B, T, D) -> (B, T, D), and its cache (stages 4a, 8a, 9: adapter methods only)."""
     p = f"blocks.{l}."
     c = {}
+    method = lora.method if adapters is not None else None
 
     def proj(inp, w):
         out, c[w] = _proj_forward(inp, params, adapters, lora, p, w, train, rng)
         return out
 
+    def adapter(h, slot):  # the adapter layers of the adapter baselines; their caches sit beside the rest
+        out, c[slot] = _adapter_layer_forward(h, adapters, p + slot)
+        return out
+
     a, c["ln1"] = layernorm_forward(x, params[p + "ln1.gamma"], params[p + "ln1.beta"])  # 1
     q, k, v = proj(a, "W_q"), proj(a, "W_k"), proj(a, "W_v")  # 2. (B, T, D) each
     y, c["att"] = attention_forward(q, k, v, params.config.n_heads)  # 3.
-    x = x + proj(y, "W_o")  # 4. residual
+    o = proj(y, "W_o")  # (B, T, D)
+    if method == "adapter_h":
+        o = adapter(o, "adapter_attn")  # 4a. AdapterH, before the residual add
+    x = x + o  # 4. residual
     m, c["ln2"] = layernorm_forward(x, params[p + "ln2.gamma"], params[p + "ln2.beta"])  # 5
     u = proj(m, "W_1")  # 6. (B, T, M)
     z, c["gelu"] = gelu_forward(u)  # 7.
-    x = x + proj(z, "W_2")  # 8. residual
+    h = proj(z, "W_2")  # (B, T, D)
+    if method == "adapter_h":
+        h = adapter(h, "adapter_mlp")  # 8a. AdapterH, before the residual add
+    x = x + h  # 8. residual
+    if method == "adapter_l":
+        x = adapter(x, "adapter")  # 9. AdapterL: its own LayerNorm and skip, after the MLP's residual add
     return x, c
 
 
 def block_backward(dx, c, l, want, grads):
-    """Backward of block_forward, stages 8 to 1. dx: (B, T, D), the gradient at the block's output."""
+    """Backward of block_forward, stages 9 to 1. dx: (B, T, D), the gradient at the block's output."""
     p = f"blocks.{l}."
-    # 8. x = x + z·W_2ᵀ + b_2: the residual passes dx through unchanged
-    dz = _proj_backward(dx, c["W_2"], p, "W_2", want, grads)
+    if "adapter" in c:  # 9. AdapterL: x = x + bottleneck(LN_a(x)), its skip included in its backward
+        dx = _adapter_layer_backward(dx, c["adapter"], p + "adapter", want, grads)
+    # 8. x = x + h with h = z·W_2ᵀ + b_2 (or 8a. its AdapterH): the residual passes dx through unchanged
+    dh = _adapter_layer_backward(dx, c["adapter_mlp"], p + "adapter_mlp", want, grads) if "adapter_mlp" in c else dx
+    dz = _proj_backward(dh, c["W_2"], p, "W_2", want, grads)
     du = gelu_backward(dz, c["gelu"])  # 7.
     dm = _proj_backward(du, c["W_1"], p, "W_1", want, grads)  # 6.
     dx = dx + _layernorm_backward(dm, c["ln2"], p + "ln2", want, grads)  # 5.
-    dy = _proj_backward(dx, c["W_o"], p, "W_o", want, grads)  # 4. residual again
+    # 4. x = x + o (4a. o through AdapterH): residual again
+    do = _adapter_layer_backward(dx, c["adapter_attn"], p + "adapter_attn", want, grads) if "adapter_attn" in c else dx
+    dy = _proj_backward(do, c["W_o"], p, "W_o", want, grads)
     dq, dk, dv = attention_backward(dy, c["att"])  # 3.
     da = (  # 2. a feeds all three projections, so their gradients add
         _proj_backward(dq, c["W_q"], p, "W_q", want, grads)
@@ -186,7 +238,8 @@ def model_forward(params, tokens, adapters=None, lora=None, *, train=False, rng=
     Inputs:
     - params: Params from init_params (its dtype, float32 or float64, is the compute dtype)
     - tokens: (B, T) integer ids, T <= context_length
-    - adapters: dict from init_lora, or None for the plain model
+    - adapters: dict from init_lora, or None for the plain model (LoRA's A and B, a successor's
+      arrays, or the adapter layers of lora.method "adapter_h" / "adapter_l")
     - lora: the LoraConfig the adapters were made for (required with adapters)
     - train: True turns on LoRA dropout
     - rng: np.random.Generator for dropout (required when train and lora.dropout > 0)

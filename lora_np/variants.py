@@ -17,6 +17,9 @@ the whole model or the base weights:
 - merge_variant / unmerge_variant: W' for DoRA, VeRA and a quantized base (lora.merge calls them);
 - lr_scales(adapters, lora): LoRA+'s learning rates (Hayou et al. 2024), B's λ times A's.
 
+The paper's adapter baselines (method "adapter_h", "adapter_l": lora_np.adapters) start here too,
+as the identity (W_up = 0), and are refused by merge_variant: they are layers, not a ΔW.
+
 LoRA+'s argument in two lines: at large width, with one learning rate for A and B, either B's
 update is too small to learn features or A's is so large it is unstable; with η_B = λ·η_A
 (λ ≫ 1, the paper recommends 2^4 = 16) both move the output at the same order (Section 3).
@@ -24,7 +27,7 @@ update is too small to learn features or A's is so large it is unstable; with η
 
 import numpy as np
 
-from .config import LoraConfig
+from .config import ADAPTER_METHODS, LoraConfig
 from .dora import dora_merge, dora_unmerge, dora_weight_norm
 from .lora import VERA_SHARED, check_adapters, init_lora, trainable_adapters, vera_shared
 from .nf4 import NF4Tensor, quantize_nf4
@@ -58,7 +61,8 @@ def init_adapters(params, lora, seed):
 
     The params returned are the base itself, except under PiSSA (the residual W0 - s·B·A
     replaces each adapted W0) and with base_quant="nf4" (the blocks' linear weights become
-    NF4Tensors). Adapters come in the params' dtype.
+    NF4Tensors). Adapters come in the params' dtype. The adapter methods' layers start as the
+    identity (lora_np.adapters.init_adapter_layers), so the model starts as exactly the base.
     """
     check_params(params)
     if not isinstance(lora, LoraConfig):
@@ -113,10 +117,22 @@ def dora_norms(params, adapters, lora):
             for name, _ in _adapted(params.config, lora)}  # fmt: skip
 
 
+def _refuse_adapter_layers(lora, what):
+    if lora.method in ADAPTER_METHODS:
+        raise ValueError(
+            f"method={lora.method!r} adapters cannot be {what}: an adapter is an extra layer, h + W_up·f(W_down·h), "
+            f"with a nonlinearity f between its projections, not an update ΔW to a weight; inference has to run "
+            f"it after the layer before it (the added latency of the LoRA paper's Table 1). LoRA, DoRA and VeRA "
+            f"change weights, and merge into them"
+        )
+
+
 def merge_variant(params, adapters, lora):
     """W' for DoRA (m ⊙ V/‖V‖), VeRA (W0 + Λ_b·B·Λ_d·A) or LoRA on a quantized base (W0 dequantized
     + s·B·A, in the compute dtype: the merged model is not re-quantized). Returns a new Params that
-    records the adapters as merged; adapters already merged into params are refused (ValueError)."""
+    records the adapters as merged; adapters already merged into params are refused (ValueError).
+    Adapter layers (method "adapter_h", "adapter_l") are refused: they cannot be merged."""
+    _refuse_adapter_layers(lora, "merged")
     check_adapters(params, adapters, lora)
     cfg = params.config
     merged = params.with_merged(adapters, lora)  # a copy with its record; refuses adapters merged before
@@ -140,6 +156,7 @@ def unmerge_variant(merged, adapters, lora, norms=None):
     """The inverse of merge_variant. DoRA needs `norms` = dora_norms(base, adapters, lora), taken
     before merging: the merged weight cannot give them back. Adapters that were not merged into
     `merged` are refused (ValueError)."""
+    _refuse_adapter_layers(lora, "unmerged")
     check_adapters(merged, adapters, lora)
     cfg = merged.config
     if lora.method == "dora" and (not isinstance(norms, dict) or set(norms) != {n for n, _ in _adapted(cfg, lora)}):

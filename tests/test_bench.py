@@ -39,7 +39,8 @@ def quick(tmp_path_factory):
 
 def test_quick_run_writes_every_key(quick):
     out, res = quick
-    assert set(res) == {"meta", "sizes", "targets"}
+    assert set(res) == {"meta", "sizes", "targets", "serving", "latency"}
+    assert res["serving"]["meta"]["quick"] and res["latency"]["meta"]["quick"]  # their own tests check the rest
     assert set(res["meta"]) == META_KEYS
     assert [s["name"] for s in res["sizes"]] == list(QUICK_SIZES)
     for s in res["sizes"]:
@@ -195,8 +196,8 @@ def test_draw_bench_without_a_json_runs_the_quick_benchmark(tmp_path):
 
 def test_timed_elementwise_times_every_elementwise_call_and_restores_the_functions():
     """Each wrapped layer runs (the loss is the unwrapped one's, bit for bit) and is put back after."""
-    from lora_np.optim import AdamW
     from lora_np.bench import ELEMENTWISE, timed_elementwise
+    from lora_np.optim import AdamW
 
     cfg = QUICK_SIZES["q32"][0]
     params = cast(init_params(cfg, seed=0), np.float32)

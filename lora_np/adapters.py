@@ -1,0 +1,372 @@
+"""Adapter layers, the baselines LoRA is measured against (paper Sections 3 and 5.1, Table 1).
+
+The paper, Section 5.1: "Adapter tuning as proposed in Houlsby et al. (2019) inserts adapter layers
+between the self-attention module (and the MLP module) and the subsequent residual connection. There
+are two fully connected layers with biases in an adapter layer with a nonlinearity in between. We call
+this original design AdapterH. Recently, Lin et al. (2020) proposed a more efficient design with the
+adapter layer applied only after the MLP module and after a LayerNorm. We call it AdapterL." (It also
+names AdapterP, Pfeiffer et al. 2021, "very similar" to AdapterL, and AdapterD, AdapterDrop, which
+drops some adapter layers; neither is built here.) An adapter layer, in column form:
+
+    Adapter(h) = h + W_up·f(W_down·h + b_down) + b_up      W_down (r, D), W_up (D, r), r ≪ D
+
+and in the pre-LN block of model.py (numbers are model.py's stages):
+
+    AdapterH   4a.  x = x + Adapter(y·W_oᵀ + b_o)       after attention's output projection
+               8a.  x = x + Adapter(z·W_2ᵀ + b_2)       after the MLP, both before the residual add
+    AdapterL   9.   x = x + Adapter'(LN_a(x))           one a block, after the MLP's residual add,
+                                                        behind a LayerNorm of its own
+
+AdapterL's place follows Lin et al.'s code (zlinao/VGLM, pytorch_transformers/modeling_vlm.py: the
+block computes x = x + mlp(ln_2(x)), then x + up(relu(down(ln(x))))). Its residual adds the
+branch to x itself, not to LN_a(x).
+
+The nonlinearity f: GELU for AdapterH, as Houlsby et al.'s code (google-research/adapter-bert,
+modeling.py, feedforward_adapter) has it, in the tanh form of layers.gelu_forward; ReLU for
+AdapterL, as Lin et al.'s code has it (nn.ReLU).
+
+Trainable numbers (Section 5.1): |Θ| = L̂_Adpt·(2·d_model·r + r + d_model) + 2·L̂_LN·d_model, with
+L̂_Adpt adapter layers and L̂_LN trainable LayerNorms. Here AdapterH has L̂_Adpt = 2·n_layers and
+L̂_LN = 0; AdapterL has L̂_Adpt = L̂_LN = n_layers.
+
+Initialization. W_up = 0 and b_up = 0, so every adapter is exactly the identity and the adapted
+model starts as exactly the base, as LoRA's B = 0 makes it (Section 4.1). Houlsby et al. draw both
+projections from a truncated normal of standard deviation 10⁻³ instead ("near-identity"); a zero
+W_up makes it exact, and the tests can then ask for equality. As with LoRA's A, W_down must then
+not be small: at step 0 only W_up and b_up have a gradient (W_down's flows through W_up = 0), and
+∂L/∂W_up = g·f(W_down·h)ᵀ is only as large as f(W_down·h). W_down ~ N(0, 1/D), LoRA's A, keeps
+W_down·h at the scale of h. b_down = 0; AdapterL's LayerNorm starts at gamma = 1, beta = 0.
+
+Why adapters cost latency and LoRA does not (Section 3): an adapter is a new layer in the path of
+every token, computed after the sublayer before it and before the one after it ("adapter layers have
+to be processed sequentially"); it cannot be merged into a weight, as f lies between its two
+projections. Merged LoRA runs the base's exact architecture (W' = W0 + s·B·A, Section 4.1).
+lora_np.bench_latency measures both on lora_np's own forward.
+
+Dimension legend: N positions (any leading shape, usually B·T), D model width, r bottleneck width.
+
+References
+- Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", ICML.
+- Lin, Madotto & Fung 2020, "Exploring Versatile Generative Language Model Via Parameter-Efficient
+  Transfer Learning", Findings of EMNLP.
+- Hu et al. 2021, "LoRA", Section 3 ("Adapter Layers Introduce Inference Latency"), Table 1, Section 5.1.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ADAPTER_METHODS
+from .layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward
+
+# ----------------------------------------------------------------------------
+# ReLU (AdapterL's nonlinearity; GELU is in layers.py)
+
+
+def relu_forward(x):
+    """out = max(x, 0). Returns (out, cache); the cache is the mask x > 0, all backward needs."""
+    mask = x > 0
+    return x * mask, mask
+
+
+def relu_backward(dout, cache):
+    """Backward of relu_forward: the gradient passes where x > 0 and stops elsewhere (at x = 0 too)."""
+    return dout * cache
+
+
+ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "relu": (relu_forward, relu_backward)}
+
+
+def _check_act(act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
+
+
+# ----------------------------------------------------------------------------
+# the bottleneck: v = W_up·f(W_down·h + b_down) + b_up, no residual
+
+
+def bottleneck_forward(h, W_down, b_down, W_up, b_up, act="gelu"):
+    """An adapter's branch: down to r, a nonlinearity, back up to D.
+
+    v = W_up·f(W_down·h + b_down) + b_up in column form.
+
+    Inputs:
+    - h: (..., D)
+    - W_down: (r, D), b_down: (r,)
+    - W_up: (D, r), b_up: (D,)
+    - act: "gelu" or "relu", the f
+
+    Returns:
+    - v: (..., D)
+    - cache: (c_down, act, c_act, c_up). Cached: the input h (in c_down, for ∂L/∂W_down), and
+      the r-wide u = W_down·h + b_down and a = f(u) (in c_act and c_up); nothing D-wide is made.
+    """
+    _check_act(act)
+    u, c_down = linear_forward(h, W_down, b_down)  # 1. (..., r)
+    a, c_act = ACTIVATIONS[act][0](u)  # 2. (..., r)
+    v, c_up = linear_forward(a, W_up, b_up)  # 3. (..., D)
+    return v, (c_down, act, c_act, c_up)
+
+
+def bottleneck_backward(dout, cache, *, need_dW_down=True, need_db_down=True, need_dW_up=True, need_db_up=True):
+    """Backward of bottleneck_forward, stages 3, 2, 1. A gradient not asked for is None.
+
+    With g = ∂L/∂v: ∂L/∂W_up = g·aᵀ, ∂L/∂b_up = g, ∂L/∂a = W_upᵀ·g, ∂L/∂u = f'(u) ⊙ ∂L/∂a,
+    ∂L/∂W_down = (∂L/∂u)·hᵀ, ∂L/∂b_down = ∂L/∂u, ∂L/∂h = W_downᵀ·(∂L/∂u).
+
+    Returns:
+    - dh: (..., D)
+    - dW_down: (r, D), db_down: (r,), dW_up: (D, r), db_up: (D,), or None each
+    """
+    c_down, act, c_act, c_up = cache
+    # 3. v = a·W_upᵀ + b_up
+    da, dW_up, db_up = linear_backward(dout, c_up, need_dW=need_dW_up, need_db=need_db_up)
+    du = ACTIVATIONS[act][1](da, c_act)  # 2. a = f(u)
+    # 1. u = h·W_downᵀ + b_down
+    dh, dW_down, db_down = linear_backward(du, c_down, need_dW=need_dW_down, need_db=need_db_down)
+    return dh, dW_down, db_down, dW_up, db_up
+
+
+# ----------------------------------------------------------------------------
+# AdapterH's layer (Houlsby et al.): out = h + bottleneck(h)
+
+
+def adapter_forward(h, W_down, b_down, W_up, b_up, act="gelu"):
+    """A Houlsby adapter layer: out = h + W_up·f(W_down·h + b_down) + b_up.
+
+    Inputs and cache as in bottleneck_forward; h (..., D), and out has h's shape. With W_up = 0 and
+    b_up = 0 (the initialization) out is h exactly.
+    """
+    v, cache = bottleneck_forward(h, W_down, b_down, W_up, b_up, act)  # 1-3.
+    v += h  # 4. the adapter's own skip connection, in place: v is a fresh array, and not cached
+    return v, cache
+
+
+def adapter_backward(dout, cache, **need):
+    """Backward of adapter_forward: (dh, dW_down, db_down, dW_up, db_up); `need` as in bottleneck_backward."""
+    # 4. out = h + v: dout reaches v, and h unchanged through the skip
+    dh, dW_down, db_down, dW_up, db_up = bottleneck_backward(dout, cache, **need)  # 3-1.
+    return dout + dh, dW_down, db_down, dW_up, db_up
+
+
+# ----------------------------------------------------------------------------
+# AdapterL's layer (Lin et al.): out = x + bottleneck(LN(x))
+
+
+def adapter_ln_forward(x, gamma, beta, W_down, b_down, W_up, b_up, act="relu"):
+    """A Lin et al. adapter layer: out = x + W_up·f(W_down·LN(x) + b_down) + b_up.
+
+    Inputs:
+    - x: (..., D)
+    - gamma, beta: (D,), the adapter's own LayerNorm
+    - the rest as in bottleneck_forward
+
+    Returns:
+    - out: (..., D)
+    - cache: (c_ln, c_bottleneck)
+    """
+    n, c_ln = layernorm_forward(x, gamma, beta)  # 1. (..., D)
+    v, c_b = bottleneck_forward(n, W_down, b_down, W_up, b_up, act)  # 2-4.
+    v += x  # 5. the skip adds x, not LN(x); in place, as v is a fresh array and not cached
+    return v, (c_ln, c_b)
+
+
+def adapter_ln_backward(dout, cache, *, need_dgamma=True, need_dbeta=True, **need):
+    """Backward of adapter_ln_forward: (dx, dgamma, dbeta, dW_down, db_down, dW_up, db_up)."""
+    c_ln, c_b = cache
+    # 5. out = x + v
+    dn, dW_down, db_down, dW_up, db_up = bottleneck_backward(dout, c_b, **need)  # 4-2.
+    # 1. n = LN(x); x also reached out through the skip
+    dx, dgamma, dbeta = layernorm_backward(dn, c_ln, need_dgamma=need_dgamma, need_dbeta=need_dbeta)
+    return dout + dx, dgamma, dbeta, dW_down, db_down, dW_up, db_up
+
+
+# ----------------------------------------------------------------------------
+# the arrays of a model's adapters
+
+
+def adapter_layer_names(cfg, lora):
+    """{name: shape} of every adapter array, in the order of the forward pass.
+
+    AdapterH: blocks.{l}.adapter_attn.* and blocks.{l}.adapter_mlp.*, each W_down (r, D), b_down (r,),
+    W_up (D, r), b_up (D,). AdapterL: blocks.{l}.adapter.ln.gamma, .ln.beta (D,) and the same four.
+    """
+    if lora.method not in ADAPTER_METHODS:
+        raise ValueError(f"adapter_layer_names is for method in {ADAPTER_METHODS}, got {lora.method!r}")
+    D, r = cfg.d_model, lora.r
+    names = {}
+    for l in range(cfg.n_layers):
+        slots = ("adapter_attn", "adapter_mlp") if lora.method == "adapter_h" else ("adapter",)
+        for slot in slots:
+            p = f"blocks.{l}.{slot}."
+            if lora.method == "adapter_l":
+                names.update({p + "ln.gamma": (D,), p + "ln.beta": (D,)})
+            names.update({p + "W_down": (r, D), p + "b_down": (r,), p + "W_up": (D, r), p + "b_up": (D,)})
+    return names
+
+
+def init_adapter_layers(cfg, lora, seed):
+    """Adapters that start as the identity: W_down ~ N(0, 1/D), W_up, b_down, b_up = 0, gamma = 1, beta = 0.
+
+    float64, names and shapes as in adapter_layer_names (init_lora hands adapter configs here).
+    """
+    rng = np.random.default_rng(seed)
+    adapters = {}
+    for name, shape in adapter_layer_names(cfg, lora).items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "W_down":  # LoRA's A: each entry of W_down·h at the scale of one entry of h
+            adapters[name] = rng.normal(0.0, 1.0 / np.sqrt(cfg.d_model), size=shape)
+        elif leaf == "gamma":
+            adapters[name] = np.ones(shape)
+        else:  # W_up = 0 (LoRA's B): the adapter is exactly the identity, the model exactly the base
+            adapters[name] = np.zeros(shape)
+    return adapters
+
+
+# ----------------------------------------------------------------------------
+# quality on the demo task, beside LoRA and full fine-tuning (notebook 08 reads the file)
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "adapters_results.json"
+DEFAULT_CACHE = "runs/demo/cache"
+FORMAT_VERSION = 1
+COMMAND = "OPENBLAS_NUM_THREADS=1 python -m lora_np.adapters"
+# label -> LoraConfig fields (None: full fine-tuning). r = 4 for all: LoRA's rank on W_q, W_v, and the
+# adapters' bottleneck width; at the demo's D = 64 that gives 2,048, 2,320 and 1,416 trainable numbers.
+QUALITY_METHODS = {
+    "full fine-tuning": None,
+    "LoRA (W_q, W_v)": {},
+    "AdapterH": {"method": "adapter_h"},
+    "AdapterL": {"method": "adapter_l"},
+}
+QUALITY_SEEDS = (0, 1, 2)
+
+
+def _quality_config():
+    from .demo import DemoConfig
+
+    d = DemoConfig()
+    return {"seeds": list(QUALITY_SEEDS), "steps": d.steps, "rank": d.rank, "lr": d.lr, "full_lr": d.full_lr,
+            "batch_size": d.batch_size, "pretrain_key": d.pretrain_key(), "model": vars(d.model),
+            "methods": QUALITY_METHODS}  # fmt: skip
+
+
+def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
+    """Full fine-tuning, LoRA, AdapterH and AdapterL on the demo task, for each seed of QUALITY_SEEDS.
+
+    The demo's recipe (lora_np.demo): its pretrained base (reused from cache_dir), the Yoda-order
+    domain, AdamW, the demo's steps and batches (the same for every method at a seed), the demo's
+    learning rate for LoRA and for both adapters alike (tuned for none of them). Returns a JSON-ready
+    dict: "config", "base" (val losses {"new", "old"}) and "runs": {label: [one row a seed]}, each row
+    with "new", "old", "gap_closed" (against the full fine-tuning run of the same seed), "trainable",
+    "optimizer_state_bytes", "seconds".
+    """
+    from .config import LoraConfig
+    from .counting import count_arrays
+    from .data import make_splits
+    from .demo import DemoConfig, gap_closed, pretrain_or_load
+    from .optim import AdamW
+    from .params import Params
+    from .train import evaluate, train
+    from .variants import init_adapters
+
+    t_start = time.perf_counter()
+    d = DemoConfig()
+    T = d.model.context_length
+    pre_train, pre_val = make_splits("pretrain", d.n_lines[0], d.seed)
+    new_train, new_val = make_splits("finetune", d.n_lines[1], d.seed)
+    base, _ = pretrain_or_load(d, pre_train, cache_dir, log)
+
+    def losses(params, adapters=None, lora=None):
+        return {"new": evaluate(params, new_val, adapters, lora, block_size=T),
+                "old": evaluate(params, pre_val, adapters, lora, block_size=T)}  # fmt: skip
+
+    results = {"format_version": FORMAT_VERSION, "config": _quality_config(), "base": losses(base), "runs": {}}
+    for label, fields in QUALITY_METHODS.items():
+        rows = []
+        for seed in QUALITY_SEEDS:
+            common = {"steps": d.steps, "batch_size": d.batch_size, "block_size": T, "seed": seed + 1,
+                      "log_every": 0, "label": label}  # fmt: skip
+            t0 = time.perf_counter()
+            if fields is None:
+                params = Params(base.config, {k: v.copy() for k, v in base.items()})
+                opt = AdamW(params, lr=d.full_lr, weight_decay=0.01)
+                train(params, new_train, opt, **common)
+                row = {**losses(params), "trainable": count_arrays(params)}
+            else:
+                lora = LoraConfig(r=d.rank, **fields)
+                start, adapters = init_adapters(base, lora, seed)
+                opt = AdamW(adapters, lr=d.lr)  # every adapter array trains
+                train(start, new_train, opt, adapters=adapters, lora=lora, **common)
+                row = {**losses(start, adapters, lora), "trainable": count_arrays(adapters)}
+            row.update(seed=seed, seconds=time.perf_counter() - t0, optimizer_state_bytes=opt.state_bytes())
+            rows.append(row)
+            log(f"  {label:<18} seed {seed}: val new {row['new']:.4f}  old {row['old']:.4f}  "
+                f"({row['trainable']:,} trainable, {row['seconds']:.1f}s)")  # fmt: skip
+        results["runs"][label] = rows
+    full = {r["seed"]: r["new"] for r in results["runs"]["full fine-tuning"]}
+    for rows in results["runs"].values():
+        for r in rows:
+            r["gap_closed"] = gap_closed(results["base"]["new"], r["new"], full[r["seed"]])
+    results["provenance"] = {"command": COMMAND, "seconds": round(time.perf_counter() - t_start, 1),
+                             "numpy": np.__version__}  # fmt: skip
+    return results
+
+
+def load_results(path=DEFAULT_RESULTS):
+    """The results file, after checking that its quality runs were made with the code's configuration
+    and that it holds a latency measurement (lora_np.bench_latency). ValueError says how to remake it."""
+    from .experiments import read_checked
+
+    results, fix = read_checked(path, json.loads(json.dumps(_quality_config())), FORMAT_VERSION, COMMAND)
+    if set(results.get("runs", {})) != set(QUALITY_METHODS) or "latency" not in results:
+        raise ValueError(f"{path} does not hold every method of {list(QUALITY_METHODS)} and a latency run; {fix}")
+    return results
+
+
+def main(argv=None, prog="python -m lora_np.adapters"):
+    """Write notebook 08's results file: the quality runs (minutes) and the latency measurement."""
+    from .bench_latency import LATENCY_MODEL, latency_table, measure_latency
+    from .checkpoint import write_atomic
+    from .cli import Parser, check_out_dir, check_out_file, fail
+    from .threads import add_threads_flag, apply_threads
+
+    p = Parser(
+        prog=prog,
+        description="AdapterH and AdapterL against LoRA on the demo task (quality over seeds) "
+        "and on lora_np's forward (latency): the results file notebook 08 reads.",
+    )
+    p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
+    p.add_argument("--only", choices=("quality", "latency"), default=None,
+                   help="redo one part and keep the other from the existing file (default: both)")  # fmt: skip
+    add_threads_flag(p)
+    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
+    try:  # before minutes of training, not after
+        out = check_out_file("--out", a.out)
+        check_out_dir("--cache-dir", a.cache_dir)
+    except ValueError as e:
+        fail(prog, str(e))
+    old = {}
+    if a.only is not None:
+        if not out.exists():
+            fail(prog, f"--only {a.only} keeps the other part from {out}, which does not exist; run without --only")
+        old = json.loads(out.read_text())
+    results = compare_on_demo(a.cache_dir) if a.only != "latency" else {k: v for k, v in old.items() if k != "latency"}
+    if a.only == "quality":
+        results["latency"] = old["latency"]
+    else:
+        results["latency"] = measure_latency(log=print)
+        print(latency_table(results["latency"]))
+    text = (json.dumps(results, indent=1) + "\n").encode()
+    write_atomic(out, lambda f: f.write(text))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
