@@ -9,6 +9,10 @@
 - `python -m lora_np course make DIR [--solutions]` / `course grade DIR`: the homework and its autograder
 - `python -m lora_np gpt2 --weights DIR --data FILE.txt`: LoRA on GPT-2's published weights
 - `python -m lora_np successors`: LoRA's successors on the demo task, over seeds (notebook 07's numbers)
+- `python -m lora_np adapters`: the adapter baselines against LoRA on the demo task, and Table 1's
+  latency (notebook 08's numbers)
+- `python -m lora_np fullrank` / `serving`: full-rank LoRA against full fine-tuning, and one batch
+  served with a different adapter per row (notebook 09's numbers)
 """
 
 import argparse
@@ -32,7 +36,7 @@ def demo_parser(prog):
         "two ways (every weight, and LoRA) from the same weights and batches, and compare.",
         epilog="other commands (each with its own --help): figures, check, bench, experiments, "
         "course make|grade, gpt2 (LoRA on GPT-2's published weights), gpt2 bench, successors (DoRA, VeRA, "
-        "PiSSA, LoRA+, QLoRA on the demo task)",
+        "PiSSA, LoRA+, QLoRA on the demo task), adapters (the paper's adapter baselines), fullrank, serving",
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"fine-tuning steps for each method (default {d.steps})")
     p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
@@ -178,6 +182,24 @@ def run_successors(argv, prog):
     return successors_main(argv, f"{prog} successors")
 
 
+def run_adapters(argv, prog):
+    from .adapters import main as adapters_main
+
+    return adapters_main(argv, f"{prog} adapters")
+
+
+def run_fullrank(argv, prog):
+    from .fullrank import main as fullrank_main
+
+    return fullrank_main(argv, f"{prog} fullrank")
+
+
+def run_serving(argv, prog):
+    from .serving import main as serving_main
+
+    return serving_main(argv, f"{prog} serving")
+
+
 def run_gpt2(argv, prog):
     from .gpt2_finetune import main as gpt2_main
 
@@ -194,8 +216,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "python -m lora_np"
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
-                "course": run_course, "gpt2": run_gpt2,
-                "successors": run_successors}
+                "course": run_course, "gpt2": run_gpt2, "successors": run_successors, "adapters": run_adapters,
+                "fullrank": run_fullrank, "serving": run_serving}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":

@@ -233,7 +233,7 @@ def init_adapter_layers(cfg, lora, seed):
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "adapters_results.json"
 DEFAULT_CACHE = "runs/demo/cache"
 FORMAT_VERSION = 1
-COMMAND = "OPENBLAS_NUM_THREADS=1 python -m lora_np.adapters"
+COMMAND = "python -m lora_np adapters"
 # label -> LoraConfig fields (None: full fine-tuning). r = 4 for all: LoRA's rank on W_q, W_v, and the
 # adapters' bottleneck width; at the demo's D = 64 that gives 2,048, 2,320 and 1,416 trainable numbers.
 QUALITY_METHODS = {
@@ -327,7 +327,7 @@ def load_results(path=DEFAULT_RESULTS):
     return results
 
 
-def main(argv=None, prog="python -m lora_np.adapters"):
+def main(argv=None, prog="python -m lora_np adapters"):
     """Write notebook 08's results file: the quality runs (minutes) and the latency measurement."""
     from .bench_latency import LATENCY_MODEL, latency_table, measure_latency
     from .checkpoint import write_atomic

@@ -30,7 +30,7 @@ against the base's is the median of its ratios to the base within a round. model
 also keeps the caches a backward would need; every variant pays that alike. Run with one BLAS
 thread (lora_np.threads' policy at these widths; both commands set it): notebook 08's numbers come from
 
-    OPENBLAS_NUM_THREADS=1 python -m lora_np.adapters --only latency
+    python -m lora_np adapters --only latency
 
 and `python -m lora_np.bench_latency [--quick] [--out FILE]` prints the table on its own.
 

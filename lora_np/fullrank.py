@@ -35,7 +35,7 @@ other half ("test"), so that the choice does not flatter the number reported.
 The study takes about 20 minutes on one (shared) core, so its results are kept in
 notebooks/fullrank_results.json, rewritten by one command:
 
-    OPENBLAS_NUM_THREADS=1 python -m lora_np.fullrank
+    python -m lora_np fullrank
 
 Dimension legend: L layers, D model width, M MLP width, r rank, d_in / d_out a weight's input /
 output width.
@@ -69,12 +69,13 @@ from .lora import init_lora
 from .model import model_forward
 from .optim import AdamW
 from .params import Params, cast
+from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train, trainable_names
 
 FORMAT_VERSION = 1
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "fullrank_results.json"
 DEFAULT_CACHE = "runs/demo/cache"  # where the demo keeps its pretrained base
-COMMAND = "OPENBLAS_NUM_THREADS=1 python -m lora_np.fullrank"
+COMMAND = "python -m lora_np fullrank"
 
 
 # ----------------------------------------------------------------------------
@@ -401,17 +402,18 @@ def load_results(path=DEFAULT_RESULTS, cfg=FullRankConfig()):
     return results
 
 
-def main(argv=None):
-    """`python -m lora_np.fullrank [--out FILE] [--cache-dir DIR] [--check]`."""
+def main(argv=None, prog="python -m lora_np fullrank"):
+    """`python -m lora_np fullrank [--out FILE] [--cache-dir DIR] [--check] [--threads N]`."""
     p = Parser(
-        prog="python -m lora_np.fullrank",
+        prog=prog,
         description="Rerun Section 4.1's 'generalization of full fine-tuning' study (LoRA on all six weights, "
         "r up to D, against full fine-tuning) behind notebooks/09_full_rank_and_serving.ipynb and write its "
-        "results file (about 20 minutes on one core; set OPENBLAS_NUM_THREADS=1).",
+        "results file (about 20 minutes on one core).",
     )
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
     p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
+    add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.check:
         try:
@@ -426,6 +428,7 @@ def main(argv=None):
         check_out_dir("--cache-dir", a.cache_dir)
     except ValueError as e:
         fail(p.prog, str(e))
+    apply_threads(a.threads, FullRankConfig().demo.model.d_model)
     results = run_all(FullRankConfig(), a.cache_dir)
     path = save_results(results, a.out)
     print(f"wrote {path} ({results['provenance']['seconds']:.0f}s)")

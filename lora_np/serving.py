@@ -60,6 +60,7 @@ from .layers import attention_forward, embedding_forward, gelu_forward, layernor
 from .lora import check_adapters, init_lora, merge
 from .model import check_tokens
 from .params import Params, cast, check_params, init_params, is_quantized
+from .threads import add_threads_flag, apply_threads
 
 STRATEGIES = ("group", "gather")
 
@@ -413,14 +414,15 @@ def serving_table(result):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """`python -m lora_np.serving [--out FILE] [--reps N] [--quick]`: measure and write the results file."""
-    p = Parser(prog="python -m lora_np.serving",
+def main(argv=None, prog="python -m lora_np serving"):
+    """`python -m lora_np serving [--out FILE] [--reps N] [--quick] [--threads N]`: measure, write the results."""
+    p = Parser(prog=prog,
                description="Measure multi-adapter serving, unmerged (one forward, each row its own adapter) against "
                            "merged (one forward a task), and write the JSON notebook 09 reads.")  # fmt: skip
     p.add_argument("--out", default=None, help=f"JSON file (default {DEFAULT_OUT}; with --quick, none)")
     p.add_argument("--reps", type=int, default=7, help="timed rounds after a warm-up (default 7)")
     p.add_argument("--quick", action="store_true", help="a tiny model, one rep: a smoke test, written only to --out")
+    add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.out is None and not a.quick:  # a smoke test must not overwrite the notebook's results
         a.out = str(DEFAULT_OUT)
@@ -431,6 +433,7 @@ def main(argv=None):
             raise ValueError(f"--reps must be >= 1, got {a.reps}")
     except ValueError as e:
         fail(p.prog, str(e))
+    apply_threads(a.threads)  # the demo's and d128's widths: the policy's one thread
     t0 = time.perf_counter()
     result = bench_serving(reps=a.reps, quick=a.quick)
     result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
