@@ -456,6 +456,31 @@ def table(result):
     return "\n".join(lines)
 
 
+def readme_table(result):
+    """The README's table of a run, as Markdown: the README quotes it verbatim (a test checks)."""
+
+    def ms(s):
+        return f"{s * 1e3:.1f} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+
+    lines = [
+        "| D, L, T, B | full step | LoRA W_q,W_v step | LoRA / full (count) | full: % of matmul | element-wise "
+        "share, full / LoRA | 2 threads / 1, full | merged / base forward | unmerged / base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["sizes"]:
+        c, t, r, f = s["config"], s["train"], s["lora_over_full"]["lora_qv"], s["forward"]
+        idle = s["threads"]["idle"]
+        name = " (demo)" if s["name"] == "demo" else ""
+        lines.append(
+            f"| {c['d_model']}, {c['n_layers']}, {c['context_length']}, {s['batch']}{name} "
+            f"| {ms(t['full']['median_s'])} | {ms(t['lora_qv']['median_s'])} | {r['step_time']:.2f} ({r['flops']:.2f}) "
+            f"| {t['full']['share_of_matmul_model']:.0%} | {t['full']['elementwise_share']:.0%} / "
+            f"{t['lora_qv']['elementwise_share']:.0%} | {idle['2']['full'] / idle['1']['full']:.2f} "
+            f"| {f['merged_qv']['vs_base']:.2f} | {f['lora_qv']['vs_base']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _machine():
     cpu = platform.processor() or platform.machine()
     try:
