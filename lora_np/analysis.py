@@ -1,6 +1,6 @@
 """Section 7 of the paper: what the learned update looks like (subspace similarity, amplification).
 
-Two measurements, both plain linear algebra on trained arrays (nothing here is trained):
+Three measurements, all plain linear algebra on trained arrays (nothing here is trained):
 
 1. Normalized subspace similarity φ (Section 7.2, eq. 4; Appendix G). How much of the space
    spanned by the top-i singular directions of one adapter matrix A1 lies in the space spanned
@@ -31,13 +31,19 @@ work when V is the r×d_in matrix whose *rows* are right singular vectors (ΔW =
 V's columns the right singular vectors, that is U_rᵀ W V_r, (r, d_out)(d_out, d_in)(d_in, r) = (r, r),
 and that is what we compute.
 
+3. φ between the weight and its update (Appendix H.3, Figure 8): the same eq. (4), with the top-i
+   singular directions of the pretrained W_q against the top-j of ΔW_q (or of a random matrix, the
+   figure's baseline). Which of W's directions does ΔW act on: its top ones, or ones W hardly uses?
+   The paper does not say which side's singular vectors its figure uses; weight_similarity_grid
+   takes `side` and defaults to the right (input) side, the one eq. (4) uses for A.
+
 Dimension legend: d_in / d_out the adapted weight's input / output width (A is (r, d_in), ΔW and W
 are (d_out, d_in)); r, r1, r2 adapter ranks (rows of A); i, j how many top singular directions;
 k the number of singular vectors a matrix has, min of its two sides.
 
 References
 - Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685v2,
-  Section 7.2 eq. (4), Section 7.3 Table 7, Appendix G, Appendix H.4.
+  Section 7.2 eq. (4), Section 7.3 Table 7, Appendix G, Appendix H.3 (Figure 8), Appendix H.4.
 - Hamm & Lee 2008 (the paper's "Ham & Lee"), "Grassmann discriminant analysis", ICML: the
   Projection Metric d² = min(i, j) - ||V1_iᵀ V2_j||_F², of which φ = 1 - d²/min(i, j) is "a reverse".
 """
@@ -167,10 +173,54 @@ def subspace_similarity_grid(A1, A2):
     k1, k2 = min(A1.shape), min(A2.shape)
     _, _, Vh1 = _svd("A1", A1, "min(A1.shape)", k1)
     _, _, Vh2 = _svd("A2", A2, "min(A2.shape)", k2)
-    C2 = (Vh1 @ Vh2.T) ** 2  # (k1, k2): squared cosine between direction a of A1 and b of A2
+    return _phi_grid(Vh1[:k1], Vh2[:k2])
+
+
+def _phi_grid(V1, V2):
+    """φ for every (i, j) from two orthonormal bases, stored as rows, best direction first.
+
+    V1: (k1, n), V2: (k2, n). With C = V1 V2ᵀ (k1, k2), ||V1_iᵀ V2_j||_F² is the sum of C² over
+    its top-left i×j corner, which a cumulative sum along both axes gives for every (i, j).
+    """
+    k1, k2 = len(V1), len(V2)
+    C2 = (V1 @ V2.T) ** 2  # (k1, k2): squared cosine between direction a of the first and b of the second
     captured = C2.cumsum(axis=0).cumsum(axis=1)  # (k1, k2): [i-1, j-1] = ||V1_iᵀ V2_j||_F²
     min_ij = np.minimum.outer(np.arange(1, k1 + 1), np.arange(1, k2 + 1))  # (k1, k2)
     return captured / min_ij
+
+
+def weight_similarity_grid(W, M, i_max, j_max, side="right"):
+    """φ(W, M, i, j) of eq. (4) between the top-i singular directions of W and the top-j of M:
+    Appendix H.3's Figure 8, with W the pretrained W_q and M its update ΔW_q (or a random matrix,
+    the figure's baseline).
+
+    ΔW = s·B·A has rank r, so only its top r directions are determined; W is full rank, and all of
+    its directions count: a ΔW whose directions sit at large i acts on what W hardly uses.
+
+    Inputs:
+    - W: (d_out, d_in), the pretrained weight
+    - M: (d_out, d_in), e.g. ΔW = lora.delta_weight(...), or a random matrix of W's shape
+    - i_max: int in 1..min(W.shape), how many of W's top directions (rows of the grid)
+    - j_max: int in 1..min(M.shape), at most M's numerical rank (columns of the grid)
+    - side: "right" for the singular vectors in R^d_in (columns of V in W = U Σ Vᵀ), "left" for
+      those in R^d_out (columns of U)
+
+    Returns:
+    - phi: (i_max, j_max), phi[i - 1, j - 1] = φ(W, M, i, j)
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    W = _check_matrix("W", W)
+    M = _check_matrix("M", M)
+    if W.shape != M.shape:
+        raise ValueError(f"W and M must have the same shape (d_out, d_in), got W {W.shape} and M {M.shape}")
+    _check_count("i_max", i_max, min(W.shape), "W", W.shape)
+    _check_count("j_max", j_max, min(M.shape), "M", M.shape)
+    U1, _, Vh1 = _svd("W", W, "i_max", i_max)
+    U2, _, Vh2 = _svd("M", M, "j_max", j_max)
+    if side == "right":
+        return _phi_grid(Vh1[:i_max], Vh2[:j_max])  # rows of Vh: right singular vectors, (i_max, d_in)
+    return _phi_grid(U1[:, :i_max].T, U2[:, :j_max].T)  # columns of U, as rows: (i_max, d_out)
 
 
 # ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from lora_np.analysis import (
     random_projection_norm,
     subspace_similarity,
     subspace_similarity_grid,
+    weight_similarity_grid,
 )
 from lora_np.lora import delta_weight
 
@@ -40,6 +41,11 @@ def top_right_projector(A, k):
     _, vecs = np.linalg.eigh(A.T @ A)  # eigenvalues ascending: the last k are the top ones
     V = vecs[:, -k:]  # (d_in, k)
     return V @ V.T
+
+
+def top_left_projector(A, k):
+    """Projector onto A's top-k left-singular subspace: the right one of Aᵀ, from eigh(A Aᵀ)."""
+    return top_right_projector(A.T, k)
 
 
 def span_projector(X):
@@ -152,6 +158,47 @@ def test_left_singular_version_for_B_is_the_function_of_B_transposed(r1, r2, ext
     B1, B2 = rng.normal(size=(d_out, r1)), rng.normal(size=(d_out, r2))
     want = np.trace(span_projector(B1) @ span_projector(B2)) / min(r1, r2)
     assert_close("φ(B1ᵀ, B2ᵀ, r1, r2)", subspace_similarity(B1.T, B2.T, r1, r2), want, 1e-9)
+
+
+# ----------------------------------------------------------------------------
+# 1b. φ between a weight and its update (Appendix H.3, Figure 8)
+
+
+@given(d_out=st.integers(2, 9), d_in=st.integers(2, 9), r=st.integers(1, 4), side=st.sampled_from(["right", "left"]),
+       seed=seeds)  # fmt: skip
+def test_weight_similarity_is_the_trace_of_two_projectors(d_out, d_in, r, side, seed):
+    # W full rank, M = B·A of rank r: φ(W, M, i, j) = tr(P_W,i P_M,j)/min(i, j), projectors from eigh (no SVD)
+    rng = np.random.default_rng(seed)
+    r = min(r, d_out, d_in)
+    W = rng.normal(size=(d_out, d_in))
+    M = rng.normal(size=(d_out, r)) @ rng.normal(size=(r, d_in))  # (d_out, d_in), rank r
+    k = min(d_out, d_in)
+    proj = top_right_projector if side == "right" else top_left_projector
+    want = np.array([[np.trace(proj(W, i) @ proj(M, j)) / min(i, j) for j in range(1, r + 1)] for i in range(1, k + 1)])
+    got = weight_similarity_grid(W, M, k, r, side=side)
+    assert got.shape == (k, r)
+    assert_close(f"φ(W, M) {side} side vs tr(P1 P2)/min(i, j)", got, want, 1e-7)  # eigh squares the condition number
+
+
+@given(st.data())
+def test_update_along_W_own_directions_counts_the_shared_ones(data):
+    # ΔW built from W's singular pairs number idx (any of them, the weakest included), strongest
+    # first by |c|: its top-j directions are W's directions idx[:j], so φ(W, ΔW, i, j) counts how
+    # many of them are among W's top i: |{0..i-1} ∩ idx[:j]| / min(i, j), on either side
+    rng = np.random.default_rng(data.draw(seeds))
+    d_out, d_in = data.draw(st.integers(2, 8)), data.draw(st.integers(2, 8))
+    k = min(d_out, d_in)
+    s = np.arange(k, 0, -1) + 0.5  # distinct singular values, descending
+    Q1, Q2 = orthonormal(rng, d_out, k), orthonormal(rng, d_in, k)
+    W = Q1 @ np.diag(s) @ Q2.T  # (d_out, d_in)
+    idx = np.array(data.draw(st.permutations(range(k)))[: data.draw(st.integers(1, k))])
+    c = np.arange(len(idx), 0, -1) * 2.0 * rng.choice([-1.0, 1.0], size=len(idx))  # |c| distinct, descending
+    dW = Q1[:, idx] @ np.diag(c) @ Q2[:, idx].T  # (d_out, d_in), rank len(idx)
+    want = np.array([[len(set(range(i)) & set(idx[:j].tolist())) / min(i, j) for j in range(1, len(idx) + 1)]
+                     for i in range(1, k + 1)])  # fmt: skip
+    for side in ("right", "left"):
+        assert_close(f"φ(W, ΔW) {side}, ΔW on W's directions {idx.tolist()}",
+                     weight_similarity_grid(W, dW, k, len(idx), side=side), want, TOL)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -286,6 +333,22 @@ A_GOOD = np.random.default_rng(0).normal(size=(3, 8))
         (lambda: amplification_factor(np.eye(4), np.eye(3), 1), ValueError, r"W and dW must have the same shape"),
         (lambda: random_projection_norm(np.eye(4), 0, 1), ValueError, r"r must be an int in 1\.\.4.*got r=0"),
         (lambda: random_projection_norm(np.eye(4), 1, -1), ValueError, r"seed must be an int >= 0, got -1"),
+        (
+            lambda: weight_similarity_grid(np.eye(4), np.eye(4), 1, 1, side="up"),
+            ValueError,
+            r"side must be 'right' or 'left', got 'up'",
+        ),
+        (lambda: weight_similarity_grid(np.eye(4), np.eye(3), 1, 1), ValueError, r"W and M must have the same shape"),
+        (
+            lambda: weight_similarity_grid(np.eye(4), np.eye(4), 5, 1),
+            ValueError,
+            r"i_max must be an int in 1\.\.4.*i_max=5",
+        ),
+        (
+            lambda: weight_similarity_grid(np.eye(4), np.outer(np.ones(4), np.ones(4)), 4, 2),
+            ValueError,
+            r"M \(shape \(4, 4\)\) has numerical rank 1 < j_max=2",
+        ),
     ],
 )
 def test_bad_input_is_named(call, error, message):
