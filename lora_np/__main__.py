@@ -173,7 +173,7 @@ def run_bench(argv, prog):
 def run_experiments(argv, prog):
     from .experiments import main as experiments_main
 
-    return experiments_main(argv)
+    return experiments_main(argv, f"{prog} experiments")
 
 
 def run_successors(argv, prog):

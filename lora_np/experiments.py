@@ -34,7 +34,7 @@ live in lora_np.analysis; this module only trains and collects.
 The whole study takes about half an hour on one core, too long for a notebook, so its results are
 kept in notebooks/section7_results.json, rewritten by ONE command:
 
-    OPENBLAS_NUM_THREADS=1 python -m lora_np.experiments        (or: python -m lora_np experiments)
+    python -m lora_np experiments
 
 The file records the configuration; `load_results` refuses a file whose configuration or format
 is not the code's, so a stale file cannot pass for fresh results.
@@ -74,6 +74,7 @@ from .demo import PRETRAIN_RECIPE, DemoConfig, pretrain_or_load
 from .lora import delta_weight, init_lora
 from .optim import AdamW
 from .params import cast
+from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train
 
 FORMAT_VERSION = 2  # 2: replicate bases, independent A per rank, φ at init, Figure 8
@@ -493,7 +494,7 @@ def run_all(cfg=Section7Config(), cache_dir=DEFAULT_CACHE, log=print):
         log(f"{name}:")
         results[name] = fn(cfg, setups, memo, log=log)
     results["provenance"] = {  # not part of the configuration: what the run was, not what it depends on
-        "command": "OPENBLAS_NUM_THREADS=1 python -m lora_np.experiments",
+        "command": "python -m lora_np experiments",
         "base_fingerprints": [fingerprint(su.base) for su in setups],
         "finetuning_runs": len(memo),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -564,7 +565,7 @@ def load_results(path=DEFAULT_RESULTS, cfg=Section7Config()):
     """The results file, after checking its format version, that its configuration is cfg's, and
     that every experiment's keys are there. Raises ValueError saying what does not match and how to
     regenerate the file."""
-    command = "OPENBLAS_NUM_THREADS=1 python -m lora_np.experiments"
+    command = "python -m lora_np experiments"
     results, fix = read_checked(path, cfg.to_dict(), FORMAT_VERSION, command)
     for name, keys in EXPECTED_KEYS.items():
         missing = keys - set(results.get(name, {}))
@@ -573,17 +574,18 @@ def load_results(path=DEFAULT_RESULTS, cfg=Section7Config()):
     return results
 
 
-def main(argv=None):
-    """`python -m lora_np.experiments [--out FILE] [--cache-dir DIR] [--check]`."""
+def main(argv=None, prog="python -m lora_np experiments"):
+    """`python -m lora_np experiments [--out FILE] [--cache-dir DIR] [--check] [--threads N]`."""
     p = Parser(
-        prog="python -m lora_np.experiments",
+        prog=prog,
         description="Rerun the Section 7 experiments (Tables 5-7, Figures 3, 4 and 8 on the tiny model) behind "
-        "notebooks/05_what_lora_learns.ipynb and write their results file (about half an hour on one core; "
-        "run it with OPENBLAS_NUM_THREADS=1, which makes the numbers the same bit for bit on one machine).",
+        "notebooks/05_what_lora_learns.ipynb and write their results file (about half an hour on one core, "
+        "one BLAS thread by default: the same numbers bit for bit on one machine).",
     )
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
     p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
+    add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.check:
         try:
@@ -598,6 +600,7 @@ def main(argv=None):
         check_out_dir("--cache-dir", a.cache_dir)
     except ValueError as e:
         fail(p.prog, str(e))
+    apply_threads(a.threads, Section7Config().demo.model.d_model)
     results = run_all(Section7Config(), a.cache_dir)
     path = save_results(results, a.out)
     prov = results["provenance"]

@@ -15,12 +15,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from .figures_bench import draw_bench
-from .figures_section7 import draw_rank_sweep, draw_subspace_similarity
+from .figures_section7 import draw_rank_sweep, draw_subspace_similarity, draw_weight_similarity
 from .figures_training import draw_finetune_curves, draw_params_vs_rank, draw_zero_init_grad_norms
 from .plotting import FIGURES, STYLE, save
 
 __all__ = ["FIGURES", "STYLE", "draw_bench", "draw_finetune_curves", "draw_params_vs_rank", "draw_rank_sweep",
-           "draw_subspace_similarity", "draw_zero_init_grad_norms", "make_all", "save"]
+           "draw_subspace_similarity", "draw_weight_similarity", "draw_zero_init_grad_norms", "make_all", "save"]
 
 
 def make_all(out_dir, names=None):

@@ -9,7 +9,7 @@ from .plotting import FIGURES
 # ==================================================================================================
 # subspace_similarity.png, rank_sweep.png and weight_similarity.png: Section 7 of the paper on the
 # tiny GPT (Tables 5-7, Figures 3, 4 and 8). All draw from notebooks/section7_results.json, written by
-# `python -m lora_np.experiments` and checked against the code's configuration by
+# `python -m lora_np experiments` and checked against the code's configuration by
 # lora_np.experiments.load_results, so drawing is instant. notebooks/05_what_lora_learns.ipynb shows
 # and explains them. Every panel pools the replicates: 3 bases x 3 fine-tuning seeds by default,
 # drawn as their mean, and, in the line plots, as the band from their minimum to their maximum.
