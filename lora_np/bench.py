@@ -119,6 +119,12 @@ def _round_robin(fns, reps):
     return times
 
 
+def paired_ratio(a, b):
+    """Median over rounds of a[i] / b[i]: the two were timed in the same round of _round_robin, so a
+    drift of the machine's speed over the run (seen here at +-20%) cancels in each ratio."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def matmul_gflops(n, k, m, reps, transposed=False):
     """Measured float32 throughput of (n, k) @ (k, m), in GFLOP/s (2·n·k·m flops a product).
 
@@ -195,13 +201,30 @@ def busy_core():
         proc.wait()
 
 
-def thread_table(fns, reps):
-    """Median seconds of each fn at each of THREAD_COUNTS BLAS threads: {threads: {name: s}}."""
-    out = {}
-    for n in THREAD_COUNTS:
-        with threadpool_limits(limits=n, user_api="blas"):
-            out[str(n)] = {name: t["median_s"] for name, t in _round_robin(fns, reps).items()}
-    return out
+def thread_table(fns, reps, busy=False):
+    """Median seconds of each fn at each of THREAD_COUNTS BLAS threads, idle and (busy=True) with
+    another process on one core: {"idle": {threads: {name: s}}, "one_core_busy": ...}.
+
+    Every round times each setting once, idle then busy, after a warm-up round: the machine's speed
+    drifts over minutes, and a drift should hit all settings alike, as in _round_robin."""
+    loads = ("idle", "one_core_busy") if busy else ("idle",)
+    times = {load: {str(n): {name: [] for name in fns} for n in THREAD_COUNTS} for load in loads}
+
+    def one_round(load):
+        for n in THREAD_COUNTS:
+            with threadpool_limits(limits=n, user_api="blas"):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[load][str(n)][name].append(time.perf_counter() - t0)
+
+    for _ in range(reps + 1):
+        one_round("idle")
+        if busy:
+            with busy_core():
+                one_round("one_core_busy")
+    return {load: {n: {name: statistics.median(t[1:]) for name, t in by_name.items()}  # t[0]: the warm-up
+                   for n, by_name in by_n.items()} for load, by_n in times.items()}  # fmt: skip
 
 
 def peak_bytes(fn):
@@ -261,10 +284,7 @@ def bench_size(name, cfg, batch, reps, square_gflops, busy=False):
     steps = {v: step(v) for v in TRAIN_VARIANTS}
     train_t = _round_robin(steps, reps)
     ew = {v: elementwise_share(steps[v], reps) for v in TRAIN_VARIANTS}
-    threads = {"idle": thread_table({v: steps[v] for v in ("full", "lora_qv")}, reps)}
-    if busy:
-        with busy_core():
-            threads["one_core_busy"] = thread_table({v: steps[v] for v in ("full", "lora_qv")}, reps)
+    threads = thread_table({v: steps[v] for v in ("full", "lora_qv")}, reps, busy)
     mm_model = matmul_gflops(N, D, D, reps, transposed=True)  # (N, D) @ (D, D)ᵀ, a projection's shape
     stream = stream_gbps(max(cfg.linear_shape(w)[0] * cfg.linear_shape(w)[1] for w in LORA_TARGETS), reps)
 
@@ -309,7 +329,7 @@ def bench_size(name, cfg, batch, reps, square_gflops, busy=False):
             **fwd_t[v],
             "flops": flops,
             "gflops_per_s": flops["total"] / fwd_t[v]["median_s"] / 1e9,
-            "vs_base": fwd_t[v]["median_s"] / fwd_t["base"]["median_s"],
+            "vs_base": paired_ratio(fwd_t[v]["wall_s"], fwd_t["base"]["wall_s"]),
         }
     merge_diff = float(np.abs(fwd_fns["merged_qv"]()[0] - fwd_fns["lora_qv"]()[0]).max())
 
@@ -317,8 +337,8 @@ def bench_size(name, cfg, batch, reps, square_gflops, busy=False):
     for v in LORA_VARIANTS:
         f, lo = train["full"], train[v]
         ratios[v] = {
-            "step_time": lo["median_s"] / f["median_s"],
-            "step_cpu_time": lo["cpu_median_s"] / f["cpu_median_s"],
+            "step_time": paired_ratio(lo["wall_s"], f["wall_s"]),
+            "step_cpu_time": paired_ratio(lo["cpu_s"], f["cpu_s"]),
             "flops": lo["flops"]["total"] / f["flops"]["total"],
             "predicted": lo["predicted_s"] / f["predicted_s"],
             "optimizer_state": f["optimizer_state_bytes"] / lo["optimizer_state_bytes"],
@@ -478,6 +498,14 @@ def readme_table(result):
             f"{t['lora_qv']['elementwise_share']:.0%} | {idle['2']['full'] / idle['1']['full']:.2f} "
             f"| {f['merged_qv']['vs_base']:.2f} | {f['lora_qv']['vs_base']:.2f} |"
         )
+    for s in result["sizes"]:  # the busy-core rows, where they were measured
+        if "one_core_busy" in s["threads"]:
+            idle, busy = s["threads"]["idle"], s["threads"]["one_core_busy"]
+            lines += ["", f"| {s['name']} size, step | 1 thread, idle | 1 thread, one core busy | 2 threads, idle "
+                      "| 2 threads, one core busy |", "|---|---|---|---|---|"]  # fmt: skip
+            for v, label in (("full", "full fine-tuning"), ("lora_qv", "LoRA W_q,W_v")):
+                lines.append(f"| {label} | {ms(idle['1'][v])} | {ms(busy['1'][v])} | {ms(idle['2'][v])} "
+                             f"| {ms(busy['2'][v])} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -214,3 +214,11 @@ def test_timed_elementwise_times_every_elementwise_call_and_restores_the_functio
     assert set(seconds) == {"gelu", "layernorm", "embedding", "cross_entropy", "adamw"}
     assert all(s > 0 for s in seconds.values())
     assert {name: getattr(model_module, name) for name in before} == before and AdamW.step is step
+
+
+def test_paired_ratio_is_the_median_of_round_by_round_ratios():
+    from lora_np.bench import paired_ratio
+
+    # a slow round (the third) scales both timings alike and drops out of the ratio
+    assert paired_ratio([2.0, 4.0, 30.0, 2.0], [1.0, 2.0, 10.0, 1.0]) == 2.0
+    assert paired_ratio([1.0, 3.0, 6.0], [1.0, 1.0, 1.0]) == 3.0

@@ -1,9 +1,11 @@
 """The README's worked example runs as written (its asserts are part of the example), and the numbers
 its demo section states agree with the demo table they come from."""
 
+import json
 import re
 from pathlib import Path
 
+from lora_np.bench import readme_table
 from lora_np.counting import config_lora_params, config_params
 from lora_np.demo import DemoConfig
 
@@ -38,3 +40,10 @@ def test_the_demo_section_states_what_its_table_shows():
     # the table's summary line, as the demo prints it, and the prose below it, rounded to a percent
     assert f"LoRA closes {gap:.1%} of the gap" in readme, f"the table's losses give {gap:.1%}"
     assert f"LoRA closes {gap:.0%} of the gap" in " ".join(readme.split()), f"the table's losses give {gap:.0%}"
+
+
+def test_the_performance_tables_are_the_committed_benchmark_run():
+    """The README quotes figures/bench.json through bench.readme_table, so a rerun that is not pasted
+    back (or a table edited by hand) fails here."""
+    result = json.loads((README.parent / "figures" / "bench.json").read_text(encoding="utf-8"))
+    assert readme_table(result) in README.read_text(encoding="utf-8")
