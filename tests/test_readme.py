@@ -47,3 +47,19 @@ def test_the_performance_tables_are_the_committed_benchmark_run():
     back (or a table edited by hand) fails here."""
     result = json.loads((README.parent / "figures" / "bench.json").read_text(encoding="utf-8"))
     assert readme_table(result) in README.read_text(encoding="utf-8")
+
+
+def test_the_performance_prose_states_what_the_benchmark_measured():
+    """The ranges the prose gives are those of figures/bench.json, rounded as the prose rounds them."""
+    readme = " ".join(README.read_text(encoding="utf-8").split())  # line breaks as spaces
+    result = json.loads((README.parent / "figures" / "bench.json").read_text(encoding="utf-8"))
+    sizes = result["sizes"]
+    merged = [s["forward"]["merged_qv"]["vs_base"] for s in sizes]
+    assert f"({min(merged):.2f}–{max(merged):.2f} of its time at every size)" in readme
+    unmerged = max(s["forward"]["lora_qv"]["vs_base"] for s in sizes)
+    assert f"LoRA on `W_q, W_v` adds at most {round(100 * (unmerged - 1)):.0f}%" in readme
+    faster = [1 - s["threads"]["idle"]["2"]["full"] / s["threads"]["idle"]["1"]["full"] for s in sizes]
+    assert f"a second thread makes a step {min(faster):.0%}–{max(faster):.0%} faster".replace("%–", "–") in readme
+    busy = next(s["threads"] for s in sizes if "one_core_busy" in s["threads"])
+    slower = [busy["one_core_busy"]["2"][v] / busy["one_core_busy"]["1"][v] for v in ("full", "lora_qv")]
+    assert f"the step takes {min(slower):.1f}–{max(slower):.1f} times as long as with one thread" in readme
