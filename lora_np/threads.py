@@ -3,15 +3,17 @@
 NumPy's matrix products run in OpenBLAS, which starts one thread per core. Two measurements
 (`python -m lora_np bench`, its "threads" table) decide the policy:
 
-- On the demo's matrices, (1536, 64) @ (64, 64), a second thread saves nothing: the product is
-  over before the hand-off pays for itself.
+- On the demo's matrices, (1536, 64) @ (64, 64), a second thread saves little on an idle machine
+  (nothing on one machine the project ran on, a tenth to a quarter of a step on another): the
+  product is nearly over before the hand-off pays for itself.
 - With another process on one of the cores, the threads of a product wait for each other, and
-  OpenBLAS waits by spinning: the step becomes many times slower, not 2x. One thread shares the
-  machine gracefully.
+  OpenBLAS waits by spinning: the step becomes several times slower, not merely 2x. One thread
+  shares the machine gracefully.
 
 So the policy is one thread below d_model = 512 (the tiny GPT, the tests, the notebooks, the
-experiments, the course's grader) and every core from there (GPT-2's 768, the bench's d512), where
-the products are large enough to divide. `--threads N` overrides it on every command.
+experiments, the course's grader), giving up the small gain to avoid the large loss, and every core
+from there (GPT-2's 768, the bench's d512), where the products are large enough to divide.
+`--threads N` overrides it on every command.
 
 The pool is limited at run time with threadpoolctl: OpenBLAS reads OPENBLAS_NUM_THREADS only when
 it loads, which happens when lora_np imports NumPy, before any command line is read. The same
