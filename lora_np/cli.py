@@ -60,3 +60,43 @@ def check_out_dir(flag, path):
         raise ValueError(f"{flag} {str(path)!r} is a file; it must be a folder")
     _writable_folder(flag, str(path), p, create=True)
     return Path(path)
+
+
+def results_command(argv, prog, description, *, default_out, default_cache, check, run, d_model):
+    """The command of a study that trains for minutes and writes the results file a notebook reads
+    (experiments, successors, fullrank): --out FILE, --cache-dir DIR (the pretrained base's cache),
+    --check (only check that the file fits the code), --threads N. Both paths are checked before any
+    training.
+
+    Inputs:
+    - argv: the arguments after the command's name (None: sys.argv[1:])
+    - check: check(path) raises ValueError, saying why, unless the file at path fits the code
+    - run: run(cache_dir, out) trains, writes the file `out`, and returns the line to print
+    - d_model: the study's model width, for the thread policy (lora_np.threads)
+
+    Returns the exit status: 0, or 1 when --check finds the file does not fit.
+    """
+    from .threads import add_threads_flag, apply_threads
+
+    p = Parser(prog=prog, description=description)
+    p.add_argument("--out", default=str(default_out), help=f"results file (default {default_out})")
+    p.add_argument("--cache-dir", default=default_cache, help=f"the pretrained base's cache (default {default_cache})")
+    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
+    add_threads_flag(p)
+    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if a.check:
+        try:
+            check(a.out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{a.out} fits the code's configuration")
+        return 0
+    try:  # before minutes of training, not after
+        out = check_out_file("--out", a.out)
+        check_out_dir("--cache-dir", a.cache_dir)
+    except ValueError as e:
+        fail(prog, str(e))
+    apply_threads(a.threads, d_model)
+    print(run(a.cache_dir, out))
+    return 0

@@ -66,7 +66,7 @@ from .analysis import (
     weight_similarity_grid,
 )
 from .checkpoint import fingerprint, write_atomic
-from .cli import Parser, check_out_dir, check_out_file, fail
+from .cli import results_command
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
@@ -74,7 +74,6 @@ from .demo import PRETRAIN_RECIPE, DemoConfig, pretrain_or_load
 from .lora import delta_weight, init_lora
 from .optim import AdamW
 from .params import cast
-from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train
 
 FORMAT_VERSION = 2  # 2: replicate bases, independent A per rank, φ at init, Figure 8
@@ -576,36 +575,20 @@ def load_results(path=DEFAULT_RESULTS, cfg=Section7Config()):
 
 def main(argv=None, prog="python -m lora_np experiments"):
     """`python -m lora_np experiments [--out FILE] [--cache-dir DIR] [--check] [--threads N]`."""
-    p = Parser(
-        prog=prog,
-        description="Rerun the Section 7 experiments (Tables 5-7, Figures 3, 4 and 8 on the tiny model) behind "
+
+    def run(cache_dir, out):
+        results = run_all(Section7Config(), cache_dir)
+        prov = results["provenance"]
+        path = save_results(results, out)
+        return f"wrote {path} ({prov['finetuning_runs']} fine-tuning runs, {prov['seconds']:.0f}s)"
+
+    return results_command(
+        argv, prog, "Rerun the Section 7 experiments (Tables 5-7, Figures 3, 4 and 8 on the tiny model) behind "
         "notebooks/05_what_lora_learns.ipynb and write their results file (about half an hour on one core, "
         "one BLAS thread by default: the same numbers bit for bit on one machine).",
+        default_out=DEFAULT_RESULTS, default_cache=DEFAULT_CACHE, check=load_results, run=run,
+        d_model=Section7Config().demo.model.d_model,
     )
-    p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
-    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
-    add_threads_flag(p)
-    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if a.check:
-        try:
-            load_results(a.out)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{a.out} fits the code's configuration")
-        return 0
-    try:  # before half an hour of training, not after
-        check_out_file("--out", a.out)
-        check_out_dir("--cache-dir", a.cache_dir)
-    except ValueError as e:
-        fail(p.prog, str(e))
-    apply_threads(a.threads, Section7Config().demo.model.d_model)
-    results = run_all(Section7Config(), a.cache_dir)
-    path = save_results(results, a.out)
-    prov = results["provenance"]
-    print(f"wrote {path} ({prov['finetuning_runs']} fine-tuning runs, {prov['seconds']:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import fingerprint
-from .cli import Parser, check_out_dir, check_out_file, fail
+from .cli import results_command
 from .config import LORA_TARGETS, LoraConfig
 from .counting import count_arrays
 from .data import make_splits
@@ -69,7 +69,6 @@ from .lora import init_lora
 from .model import model_forward
 from .optim import AdamW
 from .params import Params, cast
-from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train, trainable_names
 
 FORMAT_VERSION = 1
@@ -404,35 +403,18 @@ def load_results(path=DEFAULT_RESULTS, cfg=FullRankConfig()):
 
 def main(argv=None, prog="python -m lora_np fullrank"):
     """`python -m lora_np fullrank [--out FILE] [--cache-dir DIR] [--check] [--threads N]`."""
-    p = Parser(
-        prog=prog,
-        description="Rerun Section 4.1's 'generalization of full fine-tuning' study (LoRA on all six weights, "
+
+    def run(cache_dir, out):
+        results = run_all(FullRankConfig(), cache_dir)
+        return f"wrote {save_results(results, out)} ({results['provenance']['seconds']:.0f}s)"
+
+    return results_command(
+        argv, prog, "Rerun Section 4.1's 'generalization of full fine-tuning' study (LoRA on all six weights, "
         "r up to D, against full fine-tuning) behind notebooks/09_full_rank_and_serving.ipynb and write its "
         "results file (about 20 minutes on one core).",
+        default_out=DEFAULT_RESULTS, default_cache=DEFAULT_CACHE, check=load_results, run=run,
+        d_model=FullRankConfig().demo.model.d_model,
     )
-    p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
-    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
-    add_threads_flag(p)
-    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if a.check:
-        try:
-            load_results(a.out)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{a.out} fits the code's configuration")
-        return 0
-    try:  # before the training, not after
-        check_out_file("--out", a.out)
-        check_out_dir("--cache-dir", a.cache_dir)
-    except ValueError as e:
-        fail(p.prog, str(e))
-    apply_threads(a.threads, FullRankConfig().demo.model.d_model)
-    results = run_all(FullRankConfig(), a.cache_dir)
-    path = save_results(results, a.out)
-    print(f"wrote {path} ({results['provenance']['seconds']:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":

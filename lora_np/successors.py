@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import fingerprint, write_atomic
-from .cli import Parser, check_out_dir, check_out_file, fail
+from .cli import results_command
 from .config import LoraConfig
 from .counting import count_arrays
 from .data import make_splits
@@ -37,7 +37,6 @@ from .experiments import read_checked
 from .lora import trainable_adapters
 from .optim import AdamW
 from .params import Params
-from .threads import add_threads_flag, apply_threads
 from .train import evaluate, train
 from .variants import init_adapters, lr_scales
 
@@ -141,32 +140,20 @@ def load_results(path=DEFAULT_RESULTS, cfg=SuccessorsConfig()):
 
 
 def main(argv=None, prog="python -m lora_np successors"):
-    p = Parser(prog=prog, description="Run LoRA's successors on the demo task over several seeds "
-                                "and write the results file notebook 07 reads (a few minutes).")  # fmt: skip
-    p.add_argument("--out", default=str(DEFAULT_RESULTS), help=f"results file (default {DEFAULT_RESULTS})")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
-    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
-    add_threads_flag(p)
-    a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if a.check:
-        try:
-            load_results(a.out)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{a.out} fits the code's configuration")
-        return 0
-    try:  # before minutes of training, not after
-        out = check_out_file("--out", a.out)
-        check_out_dir("--cache-dir", a.cache_dir)
-    except ValueError as e:
-        fail(prog, str(e))
-    apply_threads(a.threads, SuccessorsConfig().demo.model.d_model)
-    results = run_all(SuccessorsConfig(), a.cache_dir)
-    text = (json.dumps(results, indent=1) + "\n").encode()
-    write_atomic(out, lambda f: f.write(text))
-    print(f"wrote {out} ({results['provenance']['seconds']:.0f}s)")
-    return 0
+    """`python -m lora_np successors [--out FILE] [--cache-dir DIR] [--check] [--threads N]`."""
+
+    def run(cache_dir, out):
+        results = run_all(SuccessorsConfig(), cache_dir)
+        text = (json.dumps(results, indent=1) + "\n").encode()
+        write_atomic(out, lambda f: f.write(text))
+        return f"wrote {out} ({results['provenance']['seconds']:.0f}s)"
+
+    return results_command(
+        argv, prog, "Run LoRA's successors on the demo task over several seeds and write the results file "
+        "notebook 07 reads (a few minutes).",
+        default_out=DEFAULT_RESULTS, default_cache=DEFAULT_CACHE, check=load_results, run=run,
+        d_model=SuccessorsConfig().demo.model.d_model,
+    )
 
 
 if __name__ == "__main__":

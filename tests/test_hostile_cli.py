@@ -224,3 +224,31 @@ def test_model_backward_refuses_non_str_trainable(tiny):
     logits, cache = model_forward(tiny, np.array([[1, 2]]))
     with pytest.raises(TypeError, match=r"trainable must hold parameter names \(str\), got 3 \(int\)"):
         model_backward(np.zeros_like(logits), cache, ["W_e", 3])
+
+
+def test_a_results_command_checks_every_path_before_it_trains(tmp_path, capsys):
+    """The shared command of experiments, successors and fullrank: run is called only with paths that
+    were checked, --check reports a file that does not fit with exit status 1, and nothing is written
+    by the command itself."""
+    from lora_np.cli import results_command
+
+    calls = []
+
+    def check(path):
+        if "bad" in str(path):
+            raise ValueError("does not fit")
+
+    def run(cache_dir, out):
+        calls.append((cache_dir, out))
+        return "trained"
+
+    kw = dict(default_out=tmp_path / "r.json", default_cache=str(tmp_path / "cache"), check=check, run=run, d_model=64)
+    assert results_command(["--check", "--out", "good.json"], "prog", "d", **kw) == 0
+    assert results_command(["--check", "--out", "bad.json"], "prog", "d", **kw) == 1
+    assert "error: does not fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        results_command(["--out", str(tmp_path / "missing" / "r.json")], "prog", "d", **kw)
+    assert e.value.code == 2 and calls == []  # refused before any training
+    assert results_command([], "prog", "d", **kw) == 0
+    assert calls == [(str(tmp_path / "cache"), tmp_path / "r.json")] and "trained" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # run wrote nothing here; the command writes nothing
