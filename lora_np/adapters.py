@@ -257,60 +257,18 @@ def _quality_config():
 def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
     """Full fine-tuning, LoRA, AdapterH and AdapterL on the demo task, for each seed of QUALITY_SEEDS.
 
-    The demo's recipe (lora_np.demo): its pretrained base (reused from cache_dir), the Yoda-order
-    domain, AdamW, the demo's steps and batches (the same for every method at a seed), the demo's
-    learning rate for LoRA and for both adapters alike (tuned for none of them). Returns a JSON-ready
-    dict: "config", "base" (val losses {"new", "old"}) and "runs": {label: [one row a seed]}, each row
-    with "new", "old", "gap_closed" (against the full fine-tuning run of the same seed), "trainable",
-    "optimizer_state_bytes", "seconds".
+    The runs of lora_np.successors.compare_methods: the demo's pretrained base (reused from
+    cache_dir), the Yoda-order domain, AdamW, the demo's steps and batches (the same for every method
+    at a seed), the demo's learning rate for LoRA and for both adapters alike (tuned for none of
+    them). Returns a JSON-ready dict: "config", "base" (val losses {"new", "old"}) and "runs":
+    {label: [one row a seed]}, each row with "new", "old", "gap_closed" (against the full
+    fine-tuning run of the same seed), "trainable", "optimizer_state_bytes", "seconds".
     """
-    from .config import LoraConfig
-    from .counting import count_arrays
-    from .data import make_splits
-    from .demo import DemoConfig, gap_closed, pretrain_or_load
-    from .optim import AdamW
-    from .params import Params
-    from .train import evaluate, train
-    from .variants import init_adapters
+    from .successors import SuccessorsConfig, compare_methods  # here: successors imports the model, which imports this
 
     t_start = time.perf_counter()
-    d = DemoConfig()
-    T = d.model.context_length
-    pre_train, pre_val = make_splits("pretrain", d.n_lines[0], d.seed)
-    new_train, new_val = make_splits("finetune", d.n_lines[1], d.seed)
-    base, _ = pretrain_or_load(d, pre_train, cache_dir, log)
-
-    def losses(params, adapters=None, lora=None):
-        return {"new": evaluate(params, new_val, adapters, lora, block_size=T),
-                "old": evaluate(params, pre_val, adapters, lora, block_size=T)}  # fmt: skip
-
-    results = {"format_version": FORMAT_VERSION, "config": _quality_config(), "base": losses(base), "runs": {}}
-    for label, fields in QUALITY_METHODS.items():
-        rows = []
-        for seed in QUALITY_SEEDS:
-            common = {"steps": d.steps, "batch_size": d.batch_size, "block_size": T, "seed": seed + 1,
-                      "log_every": 0, "label": label}  # fmt: skip
-            t0 = time.perf_counter()
-            if fields is None:
-                params = Params(base.config, {k: v.copy() for k, v in base.items()})
-                opt = AdamW(params, lr=d.full_lr, weight_decay=0.01)
-                train(params, new_train, opt, **common)
-                row = {**losses(params), "trainable": count_arrays(params)}
-            else:
-                lora = LoraConfig(r=d.rank, **fields)
-                start, adapters = init_adapters(base, lora, seed)
-                opt = AdamW(adapters, lr=d.lr)  # every adapter array trains
-                train(start, new_train, opt, adapters=adapters, lora=lora, **common)
-                row = {**losses(start, adapters, lora), "trainable": count_arrays(adapters)}
-            row.update(seed=seed, seconds=time.perf_counter() - t0, optimizer_state_bytes=opt.state_bytes())
-            rows.append(row)
-            log(f"  {label:<18} seed {seed}: val new {row['new']:.4f}  old {row['old']:.4f}  "
-                f"({row['trainable']:,} trainable, {row['seconds']:.1f}s)")  # fmt: skip
-        results["runs"][label] = rows
-    full = {r["seed"]: r["new"] for r in results["runs"]["full fine-tuning"]}
-    for rows in results["runs"].values():
-        for r in rows:
-            r["gap_closed"] = gap_closed(results["base"]["new"], r["new"], full[r["seed"]])
+    _, out = compare_methods(SuccessorsConfig(seeds=QUALITY_SEEDS), QUALITY_METHODS, cache_dir, log)
+    results = {"format_version": FORMAT_VERSION, "config": _quality_config(), **out}
     results["provenance"] = {"command": COMMAND, "seconds": round(time.perf_counter() - t_start, 1),
                              "numpy": np.__version__}  # fmt: skip
     return results

@@ -83,9 +83,19 @@ class SuccessorsConfig:
         return json.loads(json.dumps(d))
 
 
-def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
-    """Every method at every seed; returns the results file's contents."""
-    t_start = time.perf_counter()
+def compare_methods(cfg, methods, cache_dir=DEFAULT_CACHE, log=print):
+    """Full fine-tuning and every method of `methods` on the demo task, at every seed of cfg.seeds.
+
+    Inputs:
+    - cfg: SuccessorsConfig (seeds, steps, rank, alpha, targets, and the demo's recipe)
+    - methods: {label: the LoraConfig fields that make the method, as cfg.lora takes them, or None
+      for full fine-tuning}; one label must be "full fine-tuning", the gap's far end
+
+    Returns (base, {"base": {"new", "old"}, "runs": {label: [one row a seed]}}): the pretrained base,
+    its validation losses on the new and the old domain, and for each run "new", "old", "start" (the
+    method's loss on the new domain at step 0: the base, or its NF4 copy), "gap_closed" (against the
+    full fine-tuning run of the same seed), "trainable", "optimizer_state_bytes", "seed", "seconds".
+    """
     d = cfg.demo
     T = d.model.context_length
     pre_train, pre_val = make_splits("pretrain", d.n_lines[0], d.seed)
@@ -96,8 +106,8 @@ def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
         return {"new": evaluate(params, new_val, adapters, lora, block_size=T),
                 "old": evaluate(params, pre_val, adapters, lora, block_size=T)}  # fmt: skip
 
-    results = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "base": losses(base), "runs": {}}
-    for label, fields in METHODS.items():
+    out = {"base": losses(base), "runs": {}}
+    for label, fields in methods.items():
         rows = []
         for seed in cfg.seeds:
             common = {"steps": cfg.steps, "batch_size": d.batch_size, "block_size": T, "seed": seed + 1,
@@ -107,7 +117,7 @@ def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
                 params = Params(base.config, {k: v.copy() for k, v in base.items()})
                 opt = AdamW(params, lr=d.full_lr, weight_decay=0.01)
                 train(params, new_train, opt, **common)
-                row = {**losses(params), "trainable": count_arrays(params), "start": results["base"]["new"]}
+                row = {**losses(params), "trainable": count_arrays(params), "start": out["base"]["new"]}
             else:
                 lora = cfg.lora(fields)
                 start, adapters = init_adapters(base, lora, seed)
@@ -120,12 +130,20 @@ def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
             rows.append(row)
             log(f"  {label:<28} seed {seed}: val new {row['new']:.4f}  old {row['old']:.4f}  "
                 f"({row['trainable']:,} trainable, {row['seconds']:.1f}s)")  # fmt: skip
-        results["runs"][label] = rows
-    full = {r["seed"]: r["new"] for r in results["runs"]["full fine-tuning"]}
-    L0 = results["base"]["new"]
-    for rows in results["runs"].values():
+        out["runs"][label] = rows
+    full = {r["seed"]: r["new"] for r in out["runs"]["full fine-tuning"]}
+    L0 = out["base"]["new"]
+    for rows in out["runs"].values():
         for r in rows:
             r["gap_closed"] = gap_closed(L0, r["new"], full[r["seed"]])  # None if full fine-tuning did not move
+    return base, out
+
+
+def run_all(cfg=SuccessorsConfig(), cache_dir=DEFAULT_CACHE, log=print):
+    """Every method of METHODS at every seed; returns the results file's contents."""
+    t_start = time.perf_counter()
+    base, out = compare_methods(cfg, METHODS, cache_dir, log)
+    results = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), **out}
     results["provenance"] = {"command": "python -m lora_np successors", "base_fingerprint": fingerprint(base),
                              "seconds": round(time.perf_counter() - t_start, 1), "numpy": np.__version__}  # fmt: skip
     return results

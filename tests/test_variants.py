@@ -159,3 +159,26 @@ def test_nf4_base_bytes_formula_against_the_stored_tensors(double_quant):
     # double-quantized weight (and its last partial group of scales): a few bytes per weight
     assert 0 <= stored - nf4_base_bytes(cfg, double_quant) <= 12 * cfg.n_layers * 6
     assert nf4_base_bytes(cfg, double_quant) < 4 * sum(a.size for a in init_params(cfg, seed=0).values()) / 2
+
+
+def test_compare_methods_runs_each_method_from_the_same_base(tmp_path):
+    """The runs behind notebooks 07 and 08 on a tiny configuration, checked by invariants: full
+    fine-tuning closes exactly its own gap, LoRA and the adapters start from exactly the base (B = 0,
+    W_up = 0), and each trains the numbers its count says."""
+    from lora_np.counting import adapter_params, config_lora_params
+    from lora_np.data import VOCAB
+    from lora_np.demo import DemoConfig
+    from lora_np.successors import SuccessorsConfig, compare_methods
+
+    model = ModelConfig(vocab_size=len(VOCAB), context_length=16, d_model=16, n_heads=2, n_layers=1, d_mlp=32)
+    cfg = SuccessorsConfig(seeds=(0, 1), steps=3, demo=DemoConfig(model=model, pretrain_steps=3, n_lines=(200, 100)))
+    methods = {"full fine-tuning": None, "LoRA": {}, "AdapterH": {"method": "adapter_h"}}
+    base, out = compare_methods(cfg, methods, tmp_path, log=lambda *a: None)
+    assert list(out["runs"]) == list(methods) and all(len(rows) == 2 for rows in out["runs"].values())
+    for r in out["runs"]["full fine-tuning"]:
+        assert r["gap_closed"] == 1.0 and r["trainable"] == count_arrays(base)
+    for label in ("LoRA", "AdapterH"):
+        for r in out["runs"][label]:
+            assert r["start"] == out["base"]["new"]  # the adapted model at step 0 is the base, exactly
+    assert {r["trainable"] for r in out["runs"]["LoRA"]} == {config_lora_params(model, cfg.lora({}))}
+    assert {r["trainable"] for r in out["runs"]["AdapterH"]} == {adapter_params(2 * model.n_layers, model.d_model, 4)}
