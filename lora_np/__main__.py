@@ -23,6 +23,7 @@ import numpy as np
 
 from .cli import Parser, check_out_dir, fail
 from .config import LORA_TARGETS
+from .heap import keep_freed_memory
 from .threads import add_threads_flag, apply_threads
 
 
@@ -215,6 +216,7 @@ def run_course(argv, prog):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "python -m lora_np"
+    keep_freed_memory()  # every command allocates the same temporaries step after step (lora_np/heap.py)
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
                 "course": run_course, "gpt2": run_gpt2, "successors": run_successors, "adapters": run_adapters,
                 "fullrank": run_fullrank, "serving": run_serving}
