@@ -45,10 +45,10 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # only glibc has it
-        return libc if hasattr(libc, "mallopt") else None
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    # only glibc has both
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def _mallopt(settings):

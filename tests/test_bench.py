@@ -4,6 +4,7 @@ Timings are never asserted (they depend on the machine and its load); counts and
 """
 
 import json
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 import lora_np.model as model_module
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
 from lora_np.__main__ import main as cli_main
-from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, main, run, step_flops
+from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, heap_table, main, run, step_flops, targets
 from lora_np.counting import config_lora_params, config_params
+from lora_np.demo import DemoConfig
 from lora_np.figures import draw_bench
 from lora_np.train import loss_and_grads
 
@@ -58,6 +60,9 @@ def test_quick_run_writes_every_key(quick):
         for by_threads in s["threads"].values():
             assert list(by_threads) == ["1", "2"]
             assert all(set(t) == {"full", "lora_qv"} and min(t.values()) > 0 for t in by_threads.values())
+        # freed memory returned to the system against kept (lora_np.heap): the kept heap faults no more
+        assert set(s["heap"]) == {"returned", "kept"}
+        assert s["heap"]["kept"]["faults"] <= s["heap"]["returned"]["faults"]
         for t in s["train"].values():
             assert 0 < t["elementwise_share"] < 1
             assert set(t["elementwise_s"]) == {"gelu", "layernorm", "embedding", "cross_entropy", "adamw"}
@@ -222,3 +227,28 @@ def test_paired_ratio_is_the_median_of_round_by_round_ratios():
     # a slow round (the third) scales both timings alike and drops out of the ratio
     assert paired_ratio([2.0, 4.0, 30.0, 2.0], [1.0, 2.0, 10.0, 1.0]) == 2.0
     assert paired_ratio([1.0, 3.0, 6.0], [1.0, 1.0, 1.0]) == 3.0
+
+
+def test_heap_table_counts_the_page_faults_that_kept_memory_saves():
+    def step():  # a step's temporaries, in miniature: ten 1 MiB arrays, each written and freed
+        for _ in range(10):
+            a = np.empty(256 * 1024, dtype=np.float32)
+            a.fill(1.0)
+
+    h = heap_table(step, reps=3)
+    if h is None:
+        pytest.skip("no glibc: nothing to set")
+    assert h["returned"]["faults"] >= 0.9 * 10 * 256  # each 1 MiB back from the system: 256 pages of 4 KiB
+    assert h["kept"]["faults"] < 256  # less than one fresh mebibyte in the whole step
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(1024**3)  # left kept, as every command
+
+
+def test_the_demo_target_adds_up_the_demos_steps(quick):
+    _, res = quick
+    sizes = [dict(res["sizes"][0], name="demo")]  # a quick size standing in for the demo's
+    (record,) = [t for t in targets(sizes) if t["target"].startswith("the demo")]
+    d, t = DemoConfig(), sizes[0]["train"]
+    by_hand = (d.pretrain_steps + d.steps) * t["full"]["median_s"] + d.steps * t["lora_qv"]["median_s"]
+    assert record["measured"] == pytest.approx(by_hand, rel=1e-12)
+    assert record["pass"] == (by_hand <= 25)
+    assert f"{d.pretrain_steps + 2 * d.steps:,} training steps" in record["target"]
