@@ -208,7 +208,7 @@ FIGURES["finetune_curves.png"] = draw_finetune_curves
 # ==================================================================================================
 
 
-def draw_zero_init_grad_norms():
+def draw_zero_init_grad_norms(base=None):
     """Gradient norms of A and B over the first LoRA steps, and how far each factor has moved.
 
     Recipe (fixed seeds: the same numbers on every run with the same NumPy and BLAS; a few seconds on one core):
@@ -220,6 +220,10 @@ def draw_zero_init_grad_norms():
     At step 0 ∂L/∂A = s·Bᵀ·g·xᵀ is exactly zero because B is, so it has no point on a log axis
     and is annotated instead. Right: ‖A_t − A_0‖ and ‖B_t − B_0‖ after t Adam steps. A does not
     move at step 1 either: Adam's first update is m̂/(sqrt(v̂) + ε) = 0/(0 + ε) = 0 when g_A = 0.
+
+    Inputs:
+    - base: the float32 Params this recipe pretrains, when the caller has trained it already
+      (notebook 02 does, with the same code), or None to pretrain it here; it is only read
 
     Returns:
     - fig: matplotlib Figure
@@ -247,9 +251,12 @@ def draw_zero_init_grad_norms():
     pre_train, _ = make_splits("pretrain", 2000, seed=0)
     new_train, _ = make_splits("finetune", 1000, seed=0)
 
-    base = cast(init_params(cfg, seed=0), np.float32)
-    opt = AdamW(base, lr=3e-3, weight_decay=0.01)
-    train(base, pre_train, opt, steps=300, batch_size=batch, block_size=T, seed=0, warmup=30, log_every=0)
+    if base is None:
+        base = cast(init_params(cfg, seed=0), np.float32)
+        opt = AdamW(base, lr=3e-3, weight_decay=0.01)
+        train(base, pre_train, opt, steps=300, batch_size=batch, block_size=T, seed=0, warmup=30, log_every=0)
+    elif base.config != cfg:
+        raise ValueError(f"base must be a model of this recipe's config {cfg}, got {base.config}")
 
     adapters = cast(init_lora(cfg, lora, seed=0), np.float32)
     start = {k: v.copy() for k, v in adapters.items()}
