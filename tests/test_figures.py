@@ -42,3 +42,12 @@ def test_unknown_figure_name_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"unknown figure names \['nope\.png'\]; known figures are"):
         make_all(tmp_path / "c", ["nope.png"])
     assert not (tmp_path / "c").exists()
+
+
+def test_zero_init_figure_refuses_a_base_of_another_config():
+    from lora_np import ModelConfig, init_params
+    from lora_np.figures_training import draw_zero_init_grad_norms
+
+    other = init_params(ModelConfig(vocab_size=30, context_length=8, d_model=16, n_heads=2, n_layers=1, d_mlp=32), 0)
+    with pytest.raises(ValueError, match=r"base must be a model of this recipe's config .*, got ModelConfig"):
+        draw_zero_init_grad_norms(other)
