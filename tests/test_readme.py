@@ -63,3 +63,29 @@ def test_the_performance_prose_states_what_the_benchmark_measured():
     busy = next(s["threads"] for s in sizes if "one_core_busy" in s["threads"])
     slower = [busy["one_core_busy"]["2"][v] / busy["one_core_busy"]["1"][v] for v in ("full", "lora_qv")]
     assert f"the step takes {min(slower):.1f}–{max(slower):.1f} times as long as with one thread" in readme
+
+
+def test_the_memory_and_demo_prose_states_what_the_benchmark_measured():
+    """The page-fault bullet and the 25-second bullet, recomputed from figures/bench.json by hand."""
+    from lora_np.demo import DemoConfig
+
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    sizes = json.loads((README.parent / "figures" / "bench.json").read_text(encoding="utf-8"))["sizes"]
+    saved = [1 - s["heap"]["kept"]["median_s"] / s["heap"]["returned"]["median_s"] for s in sizes]
+    assert f"saves {min(saved):.0%}–{max(saved):.0%} of a step".replace("%–", "–") in readme
+    faults = [s["heap"]["returned"]["faults"] for s in sizes]
+    assert f"a full step takes {min(faults):,.0f} to {max(faults):,.0f} page faults" in readme
+    assert all(s["heap"]["kept"]["faults"] == 0 for s in sizes)  # "and none once the memory is kept"
+    by = {s["name"]: s for s in sizes}
+    share128, share512 = (by[n]["train"]["full"]["share_of_matmul_model"] for n in ("d128", "d512"))
+    assert (f"reaches {share128:.0%} of the `(N, D) @ (D, D)` product's throughput at `d_model = 128` "
+            f"and {share512:.0%} at 512") in readme  # fmt: skip
+    d, demo = DemoConfig(), by["demo"]
+    n_full, n_lora = d.pretrain_steps + d.steps, d.steps
+    t, rate = demo["train"], demo["matmul_model_gflops"] * 1e9
+    steps_s = n_full * t["full"]["median_s"] + n_lora * t["lora_qv"]["median_s"]
+    products_s = (n_full * t["full"]["flops"]["total"] + n_lora * t["lora_qv"]["flops"]["total"]) / rate
+    assert f"The demo is {n_full + n_lora:,} training steps" in readme
+    assert f"({d.pretrain_steps} of pretraining, then {d.steps} of each method)" in readme
+    assert f"they take {steps_s:.0f} s before any evaluation" in readme
+    assert f"product, {products_s:.1f} s: 25 s would leave under 5 s" in readme and 20 < products_s < 25
