@@ -1,17 +1,17 @@
 """Keep the memory of freed arrays in the process, so the next training step reuses it.
 
 Every NumPy operation that does not write in place allocates its result; a training step of the
-demo's model allocates and frees about 30 MB of such temporaries, most of them 0.1-2 MB. glibc's
-malloc, by default, hands a block above a size threshold back to the operating system when it is
-freed (munmap, or trimming the top of the heap), so the next step gets the same memory back page
-by page: one page fault per 4 KiB, each zeroing its page, thousands a step. `python -m lora_np
-bench` counts them and measures what they cost (its "page faults" table).
+demo's model allocates and frees tens of megabytes of such temporaries, most of them 0.1-2 MB.
+glibc's malloc, by default, hands a block above a size threshold back to the operating system
+when it is freed (munmap, or trimming the top of the heap), so the next step gets the same
+memory back page by page: one page fault per 4 KiB, each zeroing its page, thousands a step.
+`python -m lora_np bench` counts them and measures what they cost (its "page faults" table).
 
-`keep_freed_memory` raises both thresholds (mallopt: M_MMAP_THRESHOLD to glibc's largest, 32 MiB,
-and M_TRIM_THRESHOLD to 1 GiB), so freed blocks below 32 MiB stay in the heap and are handed out
-again without a fault. The arithmetic does not change, only where the arrays live: every number
-is the same, bit for bit. The price is that the process keeps its peak heap (up to 1 GiB free at
-its top) until it exits.
+`keep_freed_memory` raises both thresholds (mallopt: M_MMAP_THRESHOLD to the largest its manual
+allows on a 64-bit system, 32 MiB, and M_TRIM_THRESHOLD to 1 GiB), so freed blocks below 32 MiB
+stay in the heap and are handed out again without a fault. The arithmetic does not change, only
+where the arrays live: every number is the same, bit for bit. The price is that the process
+keeps its peak heap (up to 1 GiB free at its top) until it exits.
 
 The same settings go into the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), where
 glibc reads them when a process starts: the notebooks' kernels and other child processes get them
@@ -32,7 +32,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 KEEP = {M_MMAP_THRESHOLD: 32 * 1024 * 1024, M_TRIM_THRESHOLD: 1024 * 1024 * 1024}
-# glibc's own defaults, which it then raises on its own as blocks are freed ("dynamic threshold")
+# glibc's starting thresholds; left alone, it raises them as large blocks are freed ("dynamic threshold")
 DEFAULT = {M_MMAP_THRESHOLD: 128 * 1024, M_TRIM_THRESHOLD: 128 * 1024}
 HEAP_VARS = {"MALLOC_MMAP_THRESHOLD_": str(KEEP[M_MMAP_THRESHOLD]),
              "MALLOC_TRIM_THRESHOLD_": str(KEEP[M_TRIM_THRESHOLD])}  # fmt: skip
@@ -69,10 +69,11 @@ def keep_freed_memory():
 
 
 def return_freed_memory():
-    """Put glibc's default thresholds back: freed blocks above 128 KiB go back to the system.
+    """Set glibc's starting thresholds and hold them: freed blocks above 128 KiB go back to the system.
 
-    The bench uses it to measure the page faults keep_freed_memory saves. (glibc's defaults also
-    rise on their own as blocks are freed; once set by mallopt they stay where they are put.)
+    The bench uses it to measure the page faults keep_freed_memory saves. (Left alone, glibc
+    raises its thresholds as large blocks are freed, so a process that never calls mallopt lies
+    between the two settings; set by mallopt, they stay where they are put.)
     Returns True when glibc took the settings.
     """
     for var in HEAP_VARS:
