@@ -252,3 +252,14 @@ def test_the_demo_target_adds_up_the_demos_steps(quick):
     assert record["measured"] == pytest.approx(by_hand, rel=1e-12)
     assert record["pass"] == (by_hand <= 25)
     assert f"{d.pretrain_steps + 2 * d.steps:,} training steps" in record["target"]
+
+
+def test_the_throughput_targets_say_the_best_share_the_elementwise_layers_leave(quick):
+    _, res = quick
+    s = res["sizes"][-1]
+    full = s["train"]["full"]
+    products_s = full["flops"]["total"] / s["matmul_model_gflops"] / 1e9
+    ceiling = products_s / (products_s + sum(full["elementwise_s"].values()))
+    assert 0 < ceiling < 1
+    notes = [t["note"] for t in targets(res["sizes"]) if "matmul throughput" in t["target"]]
+    assert notes and all(f"at most {ceiling:.0%} with those layers as they are" in n for n in notes)
