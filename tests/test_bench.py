@@ -250,6 +250,13 @@ def test_the_demo_target_adds_up_the_demos_steps(quick):
     d, t = DemoConfig(), sizes[0]["train"]
     by_hand = (d.pretrain_steps + d.steps) * t["full"]["median_s"] + d.steps * t["lora_qv"]["median_s"]
     assert record["measured"] == pytest.approx(by_hand, rel=1e-12)
+    counts = (("full", d.pretrain_steps + d.steps), ("lora_qv", d.steps))
+    products = sum(n * t[v]["flops"]["total"] for v, n in counts) / (sizes[0]["matmul_model_gflops"] * 1e9)
+    layers = sum(n * sum(t[v]["elementwise_s"].values()) for v, n in counts)
+    with_layers = products + layers
+    assert f"rate: {products:.1f} s; with the element-wise layers at their measured time: {with_layers:.1f} s" in (
+        record["note"]
+    )
     assert record["pass"] == (by_hand <= 25)
     assert f"{d.pretrain_steps + 2 * d.steps:,} training steps" in record["target"]
 
