@@ -229,8 +229,8 @@ def thread_table(fns, reps, busy=False):
 
 
 def heap_table(fn, reps):
-    """fn() with freed memory handed back to the system (glibc's defaults) and kept for reuse
-    (lora_np.heap): {"returned": {"median_s", "faults"}, "kept": ...}, faults being the median page
+    """fn() with freed memory handed back to the system (glibc's starting thresholds, held) and kept
+    for reuse (lora_np.heap): {"returned": {"median_s", "faults"}, "kept": ...}, faults being the median page
     faults per call; None where there is no glibc to set. Leaves the memory kept, as every command.
 
     Each round runs both settings, each after one untimed call that lets the heap settle into it."""
@@ -519,7 +519,7 @@ def table(result):
         "elementwise rate; %mm, %sq: GF/s as a share of the model-shaped and the square matmul; %ew: share of the "
         "step in GELU, LayerNorm, embeddings, cross-entropy and AdamW; peak: tracemalloc; nT: n BLAS threads; "
         "one_core_busy: another process spinning on one core; "
-        "faults: page faults per step with freed memory returned to the system (glibc's default) or kept "
+        "faults: page faults per step with freed memory returned to the system (glibc's starting thresholds) or kept "
         "(lora_np.heap).",
         "",
         "targets:",

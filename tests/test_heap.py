@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lora_np.heap import HEAP_VARS, _glibc
+from lora_np.heap import HEAP_VARS, _glibc, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
 
@@ -31,9 +31,9 @@ print(faults() - start)
 PAGES_PER_MIB = 256  # 4 KiB pages
 
 
-def run(code, env_extra=None, keep_env=False):
-    env = {k: v for k, v in os.environ.items() if keep_env or k not in HEAP_VARS}
-    env.update(env_extra or {})
+def run(code):
+    # a fresh process with none of the allocator variables this test process carries
+    env = {k: v for k, v in os.environ.items() if k not in HEAP_VARS}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
@@ -52,7 +52,7 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_a_child_process_gets_the_settings_from_the_environment():
     # how the notebooks' kernels get them: keep_freed_memory writes the variables, glibc reads them
     # when the child starts, and the child itself calls nothing
-    code = "import os; from lora_np.heap import keep_freed_memory; keep_freed_memory(); import subprocess, sys; "
+    code = "from lora_np.heap import keep_freed_memory; keep_freed_memory(); import subprocess, sys; "
     code += f"print(subprocess.run([sys.executable, '-c', {ALLOC_LOOP!r}], capture_output=True, text=True).stdout)"
     assert int(run(code)) < PAGES_PER_MIB
 
@@ -88,7 +88,5 @@ def test_training_gives_the_same_bits_either_way():
 def test_keep_freed_memory_writes_the_variables_for_child_processes(monkeypatch):
     for var in HEAP_VARS:
         monkeypatch.delenv(var, raising=False)
-    from lora_np.heap import keep_freed_memory
-
     assert keep_freed_memory() is True
     assert all(os.environ[var] == value for var, value in HEAP_VARS.items())
