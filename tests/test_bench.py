@@ -5,6 +5,8 @@ Timings are never asserted (they depend on the machine and its load); counts and
 
 import json
 import os
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import lora_np.model as model_module
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
 from lora_np.__main__ import main as cli_main
-from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, heap_table, main, run, step_flops, targets
+from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, main, run, step_flops, targets
 from lora_np.counting import config_lora_params, config_params
 from lora_np.demo import DemoConfig
 from lora_np.figures import draw_bench
@@ -60,9 +62,10 @@ def test_quick_run_writes_every_key(quick):
         for by_threads in s["threads"].values():
             assert list(by_threads) == ["1", "2"]
             assert all(set(t) == {"full", "lora_qv"} and min(t.values()) > 0 for t in by_threads.values())
-        # freed memory returned to the system against kept (lora_np.heap): the kept heap faults no more
+        # freed memory returned to the system against kept (lora_np.heap)
+        # (what the faults must be is tested in a fresh process below: here the heap holds earlier tests' memory)
         assert set(s["heap"]) == {"returned", "kept"}
-        assert s["heap"]["kept"]["faults"] <= s["heap"]["returned"]["faults"]
+        assert all(h["median_s"] > 0 and h["faults"] >= 0 for h in s["heap"].values())
         for t in s["train"].values():
             assert 0 < t["elementwise_share"] < 1
             assert set(t["elementwise_s"]) == {"gelu", "layernorm", "embedding", "cross_entropy", "adamw"}
@@ -230,17 +233,24 @@ def test_paired_ratio_is_the_median_of_round_by_round_ratios():
 
 
 def test_heap_table_counts_the_page_faults_that_kept_memory_saves():
-    def step():  # a step's temporaries, in miniature: ten 1 MiB arrays, each written and freed
-        for _ in range(10):
-            a = np.empty(256 * 1024, dtype=np.float32)
-            a.fill(1.0)
-
-    h = heap_table(step, reps=3)
+    # In a fresh process: a test process's heap already holds memory freed by earlier tests, and malloc
+    # hands that out again whatever its thresholds say, so the faults counted here would depend on them.
+    code = (
+        "import json, numpy as np\n"
+        "from lora_np.bench import heap_table\n"
+        "def step():\n"  # a step's temporaries, in miniature: ten 1 MiB arrays, each written and freed
+        "    for _ in range(10):\n"
+        "        np.empty(256 * 1024, dtype=np.float32).fill(1.0)\n"
+        "print(json.dumps(heap_table(step, reps=3)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    h = json.loads(out.stdout)
     if h is None:
         pytest.skip("no glibc: nothing to set")
-    assert h["returned"]["faults"] >= 0.9 * 10 * 256  # each 1 MiB back from the system: 256 pages of 4 KiB
-    assert h["kept"]["faults"] < 256  # less than one fresh mebibyte in the whole step
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(1024**3)  # left kept, as every command
+    pages = 256  # 4 KiB pages in 1 MiB (NumPy asks for huge pages from 4 MiB on, which fault fewer times)
+    assert h["returned"]["faults"] >= 0.9 * 10 * pages  # each array back from the system, page by page
+    assert h["kept"]["faults"] < pages  # less than one fresh array in the whole step
 
 
 def test_the_demo_target_adds_up_the_demos_steps(quick):
