@@ -85,3 +85,18 @@ def minor_faults():
     """Page faults this process has taken so far that needed no disk (a fresh page zeroed), or
     None where the system does not count them."""
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def transparent_huge_pages():
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or None where unknown.
+
+    Under "always" the kernel may back fresh memory 2 MiB at a time, one fault per huge page, so the
+    faults counted above are fewer; NumPy itself asks for huge pages (madvise) for arrays of 4 MiB
+    and more.
+    """
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return next((w[1:-1] for w in text.split() if w.startswith("[")), None)
