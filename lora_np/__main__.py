@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import Parser, check_out_dir, fail
-from .config import LORA_TARGETS
-from .heap import keep_freed_memory
-from .threads import add_threads_flag, apply_threads
+from .core.config import LORA_TARGETS
+from .studies.cli import Parser, check_out_dir, fail
+from .training.heap import keep_freed_memory
+from .training.threads import add_threads_flag, apply_threads
 
 
 def demo_parser(prog):
-    from .demo import DemoConfig
+    from .studies.recipe import DemoConfig
 
     d = DemoConfig()
     p = Parser(
@@ -73,8 +73,9 @@ def demo_parser(prog):
 
 
 def run_demo(argv, prog):
-    from .demo import DemoConfig, run
-    from .train import TrainingDiverged
+    from .studies.demo import run
+    from .studies.recipe import DemoConfig
+    from .training.train import TrainingDiverged
 
     parser = demo_parser(prog)
     a = parser.parse_args(argv)
@@ -102,13 +103,17 @@ def run_demo(argv, prog):
 
 
 def run_figures(argv, prog):
-    from .diagrams import save_diagrams
     from .figures import FIGURES, make_all
+    from .figures.diagrams import save_diagrams
 
     p = Parser(
         prog=f"{prog} figures", description="Regenerate every figure (PNG) and the LoRA layer diagrams (PNG, SVG)."
     )
     p.add_argument("--out", default="figures", help="output folder (default figures)")
+    p.add_argument("--results", default="notebooks",
+                   help="the folder of section7_results.json, which the Section 7 figures draw (default notebooks)")
+    p.add_argument("--bench", default=None,
+                   help="the benchmark JSON bench.png draws (default OUT/bench.json; a quick run if there is none)")
     p.add_argument("names", nargs="*", help=f"only these figures (no diagrams), from: {', '.join(FIGURES)}")
     add_threads_flag(p)
     a = p.parse_args(argv)
@@ -118,7 +123,7 @@ def run_figures(argv, prog):
         fail(f"{prog} figures", str(e))
     apply_threads(a.threads)  # the figures train the demo's model and smaller ones
     try:
-        written = list(make_all(a.out, a.names or None))
+        written = list(make_all(a.out, a.names or None, a.results, a.bench))
         if not a.names:  # a full run also redraws the layer diagrams (a second or two)
             written += save_diagrams(a.out)
     except ValueError as e:
@@ -130,7 +135,7 @@ def run_figures(argv, prog):
 def run_check(argv, prog):
     """A gradient check a student can run: the LoRA model against centered finite differences."""
     from . import LoraConfig, ModelConfig, init_lora, init_params, model_backward, model_forward
-    from .gradcheck import numerical_vjp, rel_error
+    from .core.gradcheck import numerical_vjp, rel_error
 
     p = Parser(prog=f"{prog} check", description=run_check.__doc__)
     add_threads_flag(p)
@@ -158,12 +163,12 @@ def run_check(argv, prog):
 
 
 def run_bench(argv, prog):
-    from .bench import DEFAULT_OUT
-    from .bench import main as bench_main
+    from .bench.cost import DEFAULT_OUT
+    from .bench.cost import main as bench_main
 
     rc = bench_main(argv)
     if rc == 0 and not {"-h", "--help"} & set(argv):  # the figure depends on the measurement, drawn here
-        from .figures_bench import save_bench_png
+        from .figures.bench import save_bench_png
 
         out = argparse.ArgumentParser(add_help=False)
         out.add_argument("--out", default=DEFAULT_OUT)
@@ -172,37 +177,37 @@ def run_bench(argv, prog):
 
 
 def run_experiments(argv, prog):
-    from .experiments import main as experiments_main
+    from .studies.experiments import main as experiments_main
 
     return experiments_main(argv, f"{prog} experiments")
 
 
 def run_successors(argv, prog):
-    from .successors import main as successors_main
+    from .studies.successors import main as successors_main
 
     return successors_main(argv, f"{prog} successors")
 
 
 def run_adapters(argv, prog):
-    from .adapters import main as adapters_main
+    from .studies.adapter_baselines import main as adapters_main
 
     return adapters_main(argv, f"{prog} adapters")
 
 
 def run_fullrank(argv, prog):
-    from .fullrank import main as fullrank_main
+    from .studies.fullrank import main as fullrank_main
 
     return fullrank_main(argv, f"{prog} fullrank")
 
 
 def run_serving(argv, prog):
-    from .serving import main as serving_main
+    from .studies.serving_study import main as serving_main
 
     return serving_main(argv, f"{prog} serving")
 
 
 def run_gpt2(argv, prog):
-    from .gpt2_finetune import main as gpt2_main
+    from .studies.gpt2_finetune import main as gpt2_main
 
     return gpt2_main(argv, f"{prog} gpt2")
 

@@ -10,7 +10,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from lora_np.heap import keep_freed_memory  # noqa: E402
+from lora_np.training.heap import keep_freed_memory  # noqa: E402
 
 # Freed arrays' memory stays in each test process for reuse, instead of coming back page fault by
 # page fault, as in every command; the environment carries it to the notebooks' kernels.

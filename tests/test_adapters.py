@@ -12,13 +12,12 @@ latency benchmark is checked for its structure and invariants, never its timings
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from lora_np import LoraConfig, ModelConfig, init_lora, init_params, merge, model_backward, model_forward, unmerge
 from lora_np.adapters import (
     adapter_backward,
     adapter_forward,
@@ -29,12 +28,16 @@ from lora_np.adapters import (
     relu_backward,
     relu_forward,
 )
-from lora_np.bench_latency import VARIANTS, latency_table, measure_latency
 from lora_np.checkpoint import load_adapters, save_adapters
 from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.optim import AdamW
 from lora_np.train import loss_and_grads, train, trainable_names
 from lora_np.variants import init_adapters
+
+from lora_np import LoraConfig, ModelConfig, init_lora, init_params, merge, model_backward, model_forward, unmerge
+from lora_np.studies.latency import VARIANTS, latency_table, measure_latency
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # the committed results files
 
 CFG = ModelConfig(vocab_size=11, context_length=8, d_model=8, n_heads=2, n_layers=2, d_mlp=12)
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 5))
@@ -249,7 +252,7 @@ def test_the_demo_runs_each_adapter(tmp_path, method, label):
 
 
 def test_the_committed_results_fit_the_code():
-    from lora_np.adapters import QUALITY_METHODS, load_results
+    from lora_np.studies.adapter_baselines import QUALITY_METHODS, load_results
 
-    res = load_results()  # raises, saying how to regenerate it, if the demo's recipe changed
+    res = load_results(NOTEBOOKS / "adapters_results.json")  # raises, saying how to regenerate it, if the demo's recipe changed
     assert set(res["runs"]) == set(QUALITY_METHODS) and res["latency"]["checks"]["merged_same_arrays"]

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from lora_np import LoraConfig, ModelConfig, init_lora, init_params
 from lora_np.analysis import (
     amplification_factor,
     projection_norm,
@@ -20,6 +18,8 @@ from lora_np.analysis import (
     weight_similarity_grid,
 )
 from lora_np.lora import delta_weight
+
+from lora_np import LoraConfig, ModelConfig, init_lora, init_params
 
 seeds = st.integers(0, 2**32 - 1)
 TOL = 1e-9  # float64 round-off through one SVD of a small, well-conditioned matrix is ~1e-14

@@ -9,18 +9,19 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import lora_np.model as model_module
 import numpy as np
 import pytest
+from lora_np.counting import config_lora_params, config_params
+from lora_np.train import loss_and_grads
 
-import lora_np.model as model_module
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
 from lora_np.__main__ import main as cli_main
-from lora_np.bench import FORWARD_VARIANTS, QUICK_SIZES, TRAIN_VARIANTS, main, run, step_flops, targets
-from lora_np.counting import config_lora_params, config_params
-from lora_np.demo import DemoConfig
+from lora_np.bench.cost import FORWARD_VARIANTS, TRAIN_VARIANTS, main, run, step_flops, targets
 from lora_np.figures import draw_bench
-from lora_np.heap import transparent_huge_pages
-from lora_np.train import loss_and_grads
+from lora_np.studies.measure import QUICK_SIZES
+from lora_np.studies.recipe import DemoConfig
+from lora_np.training.heap import transparent_huge_pages
 
 TRAIN_KEYS = {
     "wall_s", "cpu_s", "median_s", "cpu_median_s", "flops", "gflops_per_s", "share_of_matmul_model",
@@ -37,7 +38,7 @@ META_KEYS = {
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    # the command as a user runs it: lora_np.bench measures, `python -m lora_np bench` also draws
+    # the command as a user runs it: lora_np.bench.cost measures, `python -m lora_np bench` also draws
     assert cli_main(["bench", "--quick", "--threads", "1", "--out", str(out)]) == 0
     return out, json.loads(out.read_text())
 
@@ -63,7 +64,7 @@ def test_quick_run_writes_every_key(quick):
         for by_threads in s["threads"].values():
             assert list(by_threads) == ["1", "2"]
             assert all(set(t) == {"full", "lora_qv"} and min(t.values()) > 0 for t in by_threads.values())
-        # freed memory returned to the system against kept (lora_np.heap)
+        # freed memory returned to the system against kept (lora_np.training.heap)
         # (what the faults must be is tested in a fresh process below: here the heap holds earlier tests' memory)
         assert set(s["heap"]) == {"returned", "kept"}
         assert all(h["median_s"] > 0 and h["faults"] >= 0 for h in s["heap"].values())
@@ -198,15 +199,16 @@ def test_bad_input_is_named():
 
 
 def test_draw_bench_without_a_json_runs_the_quick_benchmark(tmp_path):
-    fig, numbers = draw_bench(tmp_path / "absent.json")
+    fig, numbers = draw_bench(None)
     assert numbers["source"].startswith("quick run") and numbers["sizes"] == list(QUICK_SIZES)
     assert len(fig.axes) >= 6
 
 
 def test_timed_elementwise_times_every_elementwise_call_and_restores_the_functions():
     """Each wrapped layer runs (the loss is the unwrapped one's, bit for bit) and is put back after."""
-    from lora_np.bench import ELEMENTWISE, timed_elementwise
     from lora_np.optim import AdamW
+
+    from lora_np.bench.cost import ELEMENTWISE, timed_elementwise
 
     cfg = QUICK_SIZES["q32"][0]
     params = cast(init_params(cfg, seed=0), np.float32)
@@ -226,7 +228,7 @@ def test_timed_elementwise_times_every_elementwise_call_and_restores_the_functio
 
 
 def test_paired_ratio_is_the_median_of_round_by_round_ratios():
-    from lora_np.bench import paired_ratio
+    from lora_np.studies.measure import paired_ratio
 
     # a slow round (the third) scales both timings alike and drops out of the ratio
     assert paired_ratio([2.0, 4.0, 30.0, 2.0], [1.0, 2.0, 10.0, 1.0]) == 2.0
@@ -239,7 +241,7 @@ def test_heap_table_counts_the_page_faults_that_kept_memory_saves():
     # hands that out again whatever its thresholds say, so the faults counted here would depend on them.
     code = (
         "import json, numpy as np\n"
-        "from lora_np.bench import heap_table\n"
+        "from lora_np.bench.cost import heap_table\n"
         "def step():\n"  # a step's temporaries, in miniature: ten 1 MiB arrays, each written and freed
         "    for _ in range(10):\n"
         "        np.empty(256 * 1024, dtype=np.float32).fill(1.0)\n"

@@ -11,12 +11,11 @@ import random
 from collections import Counter
 from itertools import pairwise
 
+import lora_np.bpe
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import lora_np.bpe
 from lora_np.bpe import GPT2Tokenizer, bpe, bytes_to_unicode, pretokenize
 from lora_np.checkpoint import CheckpointError
 

@@ -7,14 +7,14 @@ import re
 import time
 import zipfile
 
+import lora_np.checkpoint as ckpt
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import lora_np.checkpoint as ckpt
-from lora_np import LoraConfig, ModelConfig, cast, init_lora, init_params, merge, model_forward, unmerge
 from lora_np.checkpoint import CheckpointError, load_adapters, load_params, save_adapters, save_params
+
+from lora_np import LoraConfig, ModelConfig, cast, init_lora, init_params, merge, model_forward, unmerge
 
 CFG = ModelConfig(vocab_size=7, context_length=6, d_model=8, n_heads=2, n_layers=1, d_mlp=12)
 LORA = LoraConfig(r=2, alpha=3.0, targets=("W_q", "W_1"), rslora=True)

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, init_lora, init_params
 from lora_np.counting import (
     PAPER_MODELS,
     adam_state_bytes,
@@ -22,6 +20,8 @@ from lora_np.counting import (
     lora_transformer_params,
     weight_params,
 )
+
+from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, init_lora, init_params
 
 dims = st.integers(1, 40)
 

@@ -218,7 +218,7 @@ def test_the_reference_imported_is_not_a_solution(made, tmp_path):
     (work / "lora_layer.py").write_text("from lora_np.layers import lora_linear_backward, lora_linear_forward\n")
     results = grade(work, {"E1", "E2"})
     assert scores(results) == {"E1": 0, "E2": 0}
-    assert all("comes from lora_np.layers, not from lora_layer.py" in r.hint for r in results)
+    assert all("comes from lora_np.core.layers, not from lora_layer.py" in r.hint for r in results)
 
 
 def test_a_missing_file_fails_its_exercises_and_the_rest_is_graded(made, tmp_path):

@@ -9,12 +9,12 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from lora_np.layers import lora_linear_backward, lora_linear_forward
 from matplotlib.text import Text
 
 import lora_np.figures
 from lora_np.__main__ import main
-from lora_np.diagrams import DIAGRAMS, draw_lora_backward, draw_lora_layer, save_diagrams
-from lora_np.layers import lora_linear_backward, lora_linear_forward
+from lora_np.figures.diagrams import DIAGRAMS, draw_lora_backward, draw_lora_layer, save_diagrams
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FOUR = ["lora_layer.png", "lora_layer.svg", "lora_backward.png", "lora_backward.svg"]
@@ -92,7 +92,7 @@ def test_save_writes_the_four_files_byte_identical_when_redrawn(tmp_path):
     # again in this process, into the same folder, and in a fresh process: the same bytes
     assert save_diagrams(tmp_path / "a", ["svg", "png"]) == [FOUR[1], FOUR[0], FOUR[3], FOUR[2]]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(FOUR)
-    code = f"from lora_np.diagrams import save_diagrams; save_diagrams({str(tmp_path / 'b')!r})"
+    code = f"from lora_np.figures.diagrams import save_diagrams; save_diagrams({str(tmp_path / 'b')!r})"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     for name in FOUR:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-
-from lora_np.course.student import Spy, formed, spying
 from lora_np.dora import (
     dora_linear_backward,
     dora_linear_forward,
@@ -24,6 +22,8 @@ from lora_np.dora import (
     dora_weight_norm,
 )
 from lora_np.gradcheck import assert_grad_close, numerical_vjp, rel_error
+
+from lora_np.course.student import Spy, formed, spying
 
 TOL = 1e-7
 dims = st.integers(1, 6)

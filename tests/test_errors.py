@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from lora_np.layers import lora_linear_forward
 
 from lora_np import LoraConfig, ModelConfig, Params, init_lora, init_params, merge, model_backward, model_forward
-from lora_np.layers import lora_linear_forward
 
 CFG = ModelConfig(vocab_size=10, context_length=8, d_model=8, n_heads=2, n_layers=1, d_mlp=16)
 

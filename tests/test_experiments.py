@@ -6,18 +6,19 @@ projections, the same numbers from the same seed, and that the committed results
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-
-from lora_np import LoraConfig, ModelConfig, init_lora
 from lora_np.analysis import subspace_similarity_grid
 from lora_np.data import VOCAB, make_splits
-from lora_np.demo import DemoConfig
-from lora_np.experiments import (
+
+from lora_np import LoraConfig, ModelConfig, init_lora
+from lora_np.studies.experiments import (
     DEFAULT_RESULTS,
     EXPECTED_KEYS,
     FORMAT_VERSION,
+    GRID_SECTIONS,
     Section7Config,
     amplification_table,
     budget_table,
@@ -28,10 +29,13 @@ from lora_np.experiments import (
     rank_for_budget,
     rank_sweep,
     run_all,
-    save_results,
     subspace_maps,
     weight_maps,
 )
+from lora_np.studies.recipe import DemoConfig
+from lora_np.studies.results import save_results
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # the committed results files
 
 TINY_MODEL = ModelConfig(vocab_size=len(VOCAB), context_length=16, d_model=16, n_heads=2, n_layers=1, d_mlp=64)
 TINY = Section7Config(
@@ -228,7 +232,7 @@ def test_same_seed_same_numbers(setups):
 
 def test_results_file_round_trip_and_refusals(tmp_path):
     results = run_all(TINY, tmp_path / "cache", log=quiet)
-    path = save_results(results, tmp_path / "r.json")
+    path = save_results(results, tmp_path / "r.json", grid_sections=GRID_SECTIONS)
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, then renamed
     loaded = load_results(path, TINY)
     assert loaded["format_version"] == FORMAT_VERSION and loaded["config"] == TINY.to_dict()
@@ -263,7 +267,7 @@ def test_results_file_round_trip_and_refusals(tmp_path):
 
 def test_committed_results_fit_the_code():
     cfg = Section7Config()
-    res = load_results(DEFAULT_RESULTS, cfg)  # format version, configuration, every key
+    res = load_results(NOTEBOOKS / DEFAULT_RESULTS.name, cfg)  # format version, configuration, every key
     for name, keys in EXPECTED_KEYS.items():
         assert keys <= set(res[name]), name
     D, L, M = 64, 2, 256
@@ -290,7 +294,7 @@ def test_committed_results_fit_the_code():
     for per_layer in res["weight_similarity"]["layers"]:
         assert np.array(per_layer["dW"]).shape == (n_bases, n_seeds, 2, D, 8)
     assert np.array(res["amplification"]["runs"]).shape == (n_bases, n_seeds)
-    assert main(["--check", "--out", str(DEFAULT_RESULTS)]) == 0
+    assert main(["--check", "--out", str(NOTEBOOKS / DEFAULT_RESULTS.name)]) == 0
 
 
 def test_bad_configurations_are_refused_before_any_work(tmp_path, capsys):

@@ -8,18 +8,19 @@ committed results file fits the code.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from lora_np import ModelConfig
 from lora_np.config import LORA_TARGETS, LoraConfig
 from lora_np.data import VOCAB
-from lora_np.demo import DemoConfig
-from lora_np.experiments import save_results
-from lora_np.fullrank import (
+from lora_np.model import model_forward
+from lora_np.params import Params, init_params
+
+from lora_np import ModelConfig
+from lora_np.studies.fullrank import (
     DEFAULT_RESULTS,
     FullRankConfig,
     adapters_from_delta,
@@ -31,8 +32,10 @@ from lora_np.fullrank import (
     split_validation,
     svd_factors,
 )
-from lora_np.model import model_forward
-from lora_np.params import Params, init_params
+from lora_np.studies.recipe import DemoConfig
+from lora_np.studies.results import save_results
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # the committed results files
 
 TINY_MODEL = ModelConfig(vocab_size=len(VOCAB), context_length=16, d_model=16, n_heads=2, n_layers=1, d_mlp=64)
 TINY = FullRankConfig(
@@ -221,5 +224,5 @@ def test_results_file_round_trip(tiny_results, tmp_path):
 
 
 def test_committed_results_fit_the_code():
-    res = load_results(DEFAULT_RESULTS)  # raises, naming the command, if the file is stale
+    res = load_results(NOTEBOOKS / DEFAULT_RESULTS.name)  # raises, naming the command, if the file is stale
     assert res["provenance"]["command"].endswith("python -m lora_np.fullrank")

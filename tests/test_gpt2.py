@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-
-from lora_np import LoraConfig, init_lora, model_forward
 from lora_np.checkpoint import CheckpointError
 from lora_np.counting import gpt_params
 from lora_np.gpt2 import load_gpt2, save_gpt2, untie
 from lora_np.peft import KEY, export_peft, import_peft
 from lora_np.safetensors import read_safetensors, write_safetensors
+
+from lora_np import LoraConfig, init_lora, model_forward
 
 D, H, L, V, NPOS = 8, 2, 2, 300, 16  # V > 256: every byte token plus a few merges
 M = 4 * D

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lora_np.heap import HEAP_VARS, _glibc, keep_freed_memory, transparent_huge_pages
+from lora_np.training.heap import HEAP_VARS, _glibc, keep_freed_memory, transparent_huge_pages
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
 
@@ -41,19 +41,19 @@ def run(code):
 @pytest.mark.skipif(transparent_huge_pages() == "always", reason="huge pages 'always': faults per 2 MiB")
 def test_glibcs_defaults_give_each_fresh_mebibyte_its_page_faults():
     # the problem itself: a 1 MiB block freed goes back to the system and returns page by page
-    faults = int(run("from lora_np.heap import return_freed_memory; assert return_freed_memory()\n" + ALLOC_LOOP))
+    faults = int(run("from lora_np.training.heap import return_freed_memory; assert return_freed_memory()\n" + ALLOC_LOOP))
     assert faults >= 30 * PAGES_PER_MIB * 0.9
 
 
 def test_kept_memory_is_reused_without_page_faults():
-    faults = int(run("from lora_np.heap import keep_freed_memory; assert keep_freed_memory()\n" + ALLOC_LOOP))
+    faults = int(run("from lora_np.training.heap import keep_freed_memory; assert keep_freed_memory()\n" + ALLOC_LOOP))
     assert faults < PAGES_PER_MIB  # fewer than one fresh mebibyte in 30 allocations
 
 
 def test_a_child_process_gets_the_settings_from_the_environment():
     # how the notebooks' kernels get them: keep_freed_memory writes the variables, glibc reads them
     # when the child starts, and the child itself calls nothing
-    code = "from lora_np.heap import keep_freed_memory; keep_freed_memory(); import subprocess, sys; "
+    code = "from lora_np.training.heap import keep_freed_memory; keep_freed_memory(); import subprocess, sys; "
     code += f"print(subprocess.run([sys.executable, '-c', {ALLOC_LOOP!r}], capture_output=True, text=True).stdout)"
     assert int(run(code)) < PAGES_PER_MIB
 
@@ -81,8 +81,8 @@ print(h.hexdigest())
 
 
 def test_training_gives_the_same_bits_either_way():
-    kept = run("from lora_np.heap import keep_freed_memory; assert keep_freed_memory()\n" + TRAIN)
-    returned = run("from lora_np.heap import return_freed_memory; assert return_freed_memory()\n" + TRAIN)
+    kept = run("from lora_np.training.heap import keep_freed_memory; assert keep_freed_memory()\n" + TRAIN)
+    returned = run("from lora_np.training.heap import return_freed_memory; assert return_freed_memory()\n" + TRAIN)
     assert kept == returned and len(kept) == 64
 
 

@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from lora_np import ModelConfig, init_params, model_backward, model_forward
 from lora_np.layers import cross_entropy_forward
 from lora_np.optim import AdamW
 from lora_np.train import TrainingDiverged, generate, train
+
+from lora_np import ModelConfig, init_params, model_backward, model_forward
 
 TINY = ["--pretrain-steps", "2", "--steps", "2"]
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -230,7 +230,7 @@ def test_a_results_command_checks_every_path_before_it_trains(tmp_path, capsys):
     """The shared command of experiments, successors and fullrank: run is called only with paths that
     were checked, --check reports a file that does not fit with exit status 1, and nothing is written
     by the command itself."""
-    from lora_np.cli import results_command
+    from lora_np.studies.cli import results_command
 
     calls = []
 

@@ -10,12 +10,12 @@ not against forgery), so that the checks behind it are still exercised.
 import json
 import zipfile
 
+import lora_np.checkpoint as ckpt
 import numpy as np
 import pytest
-
-import lora_np.checkpoint as ckpt
-from lora_np import LoraConfig, ModelConfig, init_lora, init_params
 from lora_np.checkpoint import CheckpointError, load_adapters, load_params, save_adapters, save_params
+
+from lora_np import LoraConfig, ModelConfig, init_lora, init_params
 
 CFG = ModelConfig(vocab_size=7, context_length=6, d_model=8, n_heads=2, n_layers=1, d_mlp=12)
 LORA = LoraConfig(r=2, alpha=3.0, targets=("W_q", "W_1"), rslora=True)

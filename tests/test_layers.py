@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from lora_np.course.student import Spy, formed, spying
 from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.layers import (
     attention_backward,
@@ -28,6 +26,8 @@ from lora_np.layers import (
     lora_linear_backward,
     lora_linear_forward,
 )
+
+from lora_np.course.student import Spy, formed, spying
 
 TOL = 1e-7
 dims = st.integers(1, 6)

@@ -1,11 +1,12 @@
 """LoRA's invariants, each a property test over drawn shapes, ranks, targets and values."""
 
+import lora_np.model
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lora_np.lora import delta_weight
 
-import lora_np.model
 from lora_np import (
     LORA_TARGETS,
     LoraConfig,
@@ -17,7 +18,6 @@ from lora_np import (
     model_forward,
     unmerge,
 )
-from lora_np.lora import delta_weight
 
 configs = st.builds(
     ModelConfig,

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lora_np.gradcheck import assert_grad_close, numerical_vjp
+from lora_np.lora import delta_weight
+from lora_np.train import trainable_names
 
 from lora_np import (
     LORA_TARGETS,
@@ -23,9 +26,6 @@ from lora_np import (
     model_backward,
     model_forward,
 )
-from lora_np.gradcheck import assert_grad_close, numerical_vjp
-from lora_np.lora import delta_weight
-from lora_np.train import trainable_names
 
 # A composition of ~10 ops accumulates more round-off than one op; 1e-6 still leaves a
 # wrong term (an error of order 1) a million times above the line.
@@ -289,8 +289,9 @@ def test_float32_forward_agrees_with_float64():
 
 def test_backward_dtype_follows_params():
     """float32 in, float32 out: no NumPy float64 scalar or mask may upcast on the way."""
-    from lora_np import cast
     from lora_np.layers import cross_entropy_backward, cross_entropy_forward
+
+    from lora_np import cast
 
     cfg = ModelConfig(vocab_size=5, context_length=4, d_model=4, n_heads=2, n_layers=1, d_mlp=6)
     lora = LoraConfig(r=2, targets=LORA_TARGETS, dropout=0.2, rslora=True)

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from lora_np.nf4 import (
     NF4_OFFSET,
     NF4_PUBLISHED,

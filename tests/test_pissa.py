@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lora_np.layers import linear_forward, lora_linear_backward, lora_linear_forward
 from lora_np.pissa import pissa_factors
 

@@ -17,13 +17,13 @@ import math
 import types
 from functools import partial
 
+import lora_np.layers
+import lora_np.model
 import numpy as np
 import pytest
 import test_layers  # tests/ is on sys.path: pytest puts a test file's folder there
 import test_model
 
-import lora_np.layers
-import lora_np.model
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig
 
 

@@ -5,9 +5,10 @@ import json
 import re
 from pathlib import Path
 
-from lora_np.bench import readme_table
 from lora_np.counting import config_lora_params, config_params
-from lora_np.demo import DemoConfig
+
+from lora_np.bench.cost import readme_table
+from lora_np.studies.recipe import DemoConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -67,7 +68,7 @@ def test_the_performance_prose_states_what_the_benchmark_measured():
 
 def test_the_memory_and_demo_prose_states_what_the_benchmark_measured():
     """The page-fault bullet and the 25-second bullet, recomputed from figures/bench.json by hand."""
-    from lora_np.demo import DemoConfig
+    from lora_np.studies.recipe import DemoConfig
 
     readme = " ".join(README.read_text(encoding="utf-8").split())
     sizes = json.loads((README.parent / "figures" / "bench.json").read_text(encoding="utf-8"))["sizes"]

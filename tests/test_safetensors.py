@@ -20,7 +20,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from lora_np.checkpoint import CheckpointError
 from lora_np.safetensors import MAX_HEADER, read_safetensors, write_safetensors
 

@@ -1,6 +1,6 @@
 """Multi-adapter serving: each row of a batch with its own adapter, unmerged.
 
-The reference is independent of lora_np.serving: each row run alone through
+The reference is independent of lora_np.methods.serving: each row run alone through
 lora_np.model.model_forward with its own adapter set and LoraConfig, and each task's merged model
 (lora_np.lora.merge). Both strategies must agree with it, in float64 to round-off, over random
 shapes, ranks, scalings and row assignments.
@@ -12,22 +12,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from lora_np import ModelConfig
 from lora_np.config import LoraConfig
 from lora_np.data import VOCAB
 from lora_np.lora import init_lora, merge
 from lora_np.model import model_forward
 from lora_np.params import cast, init_params
-from lora_np.serving import (
-    STRATEGIES,
-    adapter_bank,
-    bench_serving,
-    merged_forward,
-    multi_lora_forward,
-    multi_lora_linear,
-    serving_table,
-)
+
+from lora_np import ModelConfig
+from lora_np.methods.serving import STRATEGIES, adapter_bank, merged_forward, multi_lora_forward, multi_lora_linear
+from lora_np.studies.serving_study import bench_serving, serving_table
 
 CFG = ModelConfig(vocab_size=len(VOCAB), context_length=8, d_model=16, n_heads=2, n_layers=2, d_mlp=32)
 
@@ -231,7 +224,7 @@ def test_bench_serving_quick_structure():
 
 
 def test_command_quick_writes_only_where_told(tmp_path, capsys):
-    from lora_np.serving import DEFAULT_OUT, main
+    from lora_np.studies.serving_study import DEFAULT_OUT, main
 
     before = DEFAULT_OUT.stat().st_mtime_ns if DEFAULT_OUT.exists() else None
     assert main(["--quick"]) == 0  # a smoke test: prints, and leaves the notebook's results file alone

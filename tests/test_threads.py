@@ -7,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from lora_np.train import Progress
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from lora_np.cli import Parser
-from lora_np.threads import (
+from lora_np.studies.cli import Parser
+from lora_np.training.threads import (
     MIN_D_MODEL_FOR_THREADS,
     THREAD_VARS,
     add_threads_flag,
@@ -20,7 +21,6 @@ from lora_np.threads import (
     policy_threads,
     set_blas_threads,
 )
-from lora_np.train import Progress
 
 
 def pool_sizes():

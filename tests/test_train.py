@@ -4,11 +4,11 @@ import io
 
 import numpy as np
 import pytest
-
-from lora_np import LoraConfig, ModelConfig, Params, cast, init_lora, init_params
 from lora_np.data import VOCAB, make_splits, sample_batch
 from lora_np.optim import SGD, AdamW
 from lora_np.train import TrainingDiverged, evaluate, generate, loss_and_grads, train, trainable_names
+
+from lora_np import LoraConfig, ModelConfig, Params, cast, init_lora, init_params
 
 CFG = ModelConfig(vocab_size=len(VOCAB), context_length=16, d_model=16, n_heads=2, n_layers=2, d_mlp=32)
 

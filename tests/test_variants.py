@@ -12,14 +12,14 @@ import sys
 
 import numpy as np
 import pytest
-
-from lora_np import LoraConfig, ModelConfig, init_params, merge, model_backward, model_forward, unmerge
 from lora_np.counting import count_arrays, method_params
 from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.lora import trainable_adapters
 from lora_np.nf4 import NF4Tensor
 from lora_np.optim import AdamW
 from lora_np.variants import dora_norms, init_adapters, lr_scales
+
+from lora_np import LoraConfig, ModelConfig, init_params, merge, model_backward, model_forward, unmerge
 
 CFG = ModelConfig(vocab_size=11, context_length=8, d_model=8, n_heads=2, n_layers=2, d_mlp=12)
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 5))
@@ -167,8 +167,9 @@ def test_compare_methods_runs_each_method_from_the_same_base(tmp_path):
     W_up = 0), and each trains the numbers its count says."""
     from lora_np.counting import adapter_params, config_lora_params
     from lora_np.data import VOCAB
-    from lora_np.demo import DemoConfig
-    from lora_np.successors import SuccessorsConfig, compare_methods
+
+    from lora_np.studies.recipe import DemoConfig
+    from lora_np.studies.successors import SuccessorsConfig, compare_methods
 
     model = ModelConfig(vocab_size=len(VOCAB), context_length=16, d_model=16, n_heads=2, n_layers=1, d_mlp=32)
     cfg = SuccessorsConfig(seeds=(0, 1), steps=3, demo=DemoConfig(model=model, pretrain_steps=3, n_lines=(200, 100)))

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.layers import lora_linear_backward, lora_linear_forward
 from lora_np.vera import VERA_D_INIT, vera_linear_backward, vera_linear_forward, vera_shared_init

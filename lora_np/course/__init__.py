@@ -18,7 +18,7 @@ def check(*ids, directory="."):
 
 
 def main(argv, prog="python -m lora_np course"):
-    from ..cli import Parser
+    from ..studies.cli import Parser
 
     commands = {"make": _make, "grade": _grade}
     if not argv or argv[0] not in commands:
@@ -29,7 +29,7 @@ def main(argv, prog="python -m lora_np course"):
 
 
 def _make(argv, prog):
-    from ..cli import Parser, check_out_dir, fail
+    from ..studies.cli import Parser, check_out_dir, fail
     from .make import make
 
     p = Parser(prog=prog, description="Write the course handout (exercises with blanks).")

@@ -4,7 +4,7 @@ comparisons every check shares (checks_layers.py and checks_model.py hold the ch
 import numpy as np
 from hypothesis import HealthCheck, Verbosity, settings
 
-from ..gradcheck import rel_error
+from ..core.gradcheck import rel_error
 from .student import Failure
 
 CHECKS = {}  # exercise id -> [(check id, title, points, function)]

@@ -16,5 +16,5 @@ The points of an exercise are split over its checks; CHECKS lists them in order.
 """
 
 # Importing the two modules registers their checks, E1 to E7 in order.
-from . import checks_layers, checks_model  # noqa: E402, F401
+from ..course import checks_layers, checks_model  # noqa: E402, F401
 from .checking import CHECKS  # noqa: E402, F401

@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from .. import layers
-from ..gradcheck import numerical_vjp, rel_error
+from ..core import layers
+from ..core.gradcheck import numerical_vjp, rel_error
 from .checking import _ratio, _unpack, check, close, drawn
 from .student import Failure, Spy, formed, spying
 

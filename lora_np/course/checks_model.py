@@ -4,12 +4,12 @@ import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from .. import lora as ref
-from .. import optim, train
-from ..config import LORA_TARGETS, LoraConfig, ModelConfig
-from ..counting import block_shapes, count_arrays
-from ..model import model_backward, model_forward
-from ..params import Params, init_params
+from ..core import lora as ref
+from ..core.config import LORA_TARGETS, LoraConfig, ModelConfig
+from ..core.model import model_backward, model_forward
+from ..core.params import Params, init_params
+from ..training import optim, train
+from ..training.counting import block_shapes, count_arrays
 from .checking import check, close, drawn
 from .student import Failure
 

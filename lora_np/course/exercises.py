@@ -12,7 +12,8 @@ as check_int); the functions being written are never imported from lora_np there
 
 from dataclasses import dataclass
 
-from .. import counting, layers, lora, optim, train
+from ..core import layers, lora
+from ..training import counting, optim, train
 
 
 @dataclass(frozen=True)

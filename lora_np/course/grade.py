@@ -23,9 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..checkpoint import write_atomic
-from ..cli import Parser, check_out_file
-from ..threads import add_threads_flag, apply_threads
+from ..studies.cli import Parser, check_out_file
+from ..training.checkpoint import write_atomic
+from ..training.threads import add_threads_flag, apply_threads
 from .exercises import BY_ID, EXERCISES
 
 DEFAULT_TIMEOUT = 120.0  # seconds an exercise may take; the solutions need a few

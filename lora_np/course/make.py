@@ -19,7 +19,7 @@ import json
 import os
 import textwrap
 
-from ..checkpoint import write_atomic
+from ..training.checkpoint import write_atomic
 from .exercises import EXERCISES, FILES, TOTAL_POINTS, exercises_in
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -163,7 +163,7 @@ def make(out_dir, solutions=False, force=False):
     Everything is generated in memory first and each file is written atomically, so a refused
     or failed make leaves no half-written exercise behind.
     """
-    from ..diagrams import save_diagrams
+    from ..figures.diagrams import save_diagrams
     from .notebooks import NOTEBOOKS
 
     out_dir = check_out_dir(out_dir, force)

@@ -1,0 +1,1 @@
+"""LoRA's cost model, measured: `python -m lora_np bench`."""

@@ -1,0 +1,170 @@
+"""`python -m lora_np gpt2 --weights DIR --data FILE.txt`: LoRA on the real GPT-2, in NumPy.
+
+1. Load GPT-2 from the folder the user downloaded (lora_np.gpt2: mapped, no copy), tokenize
+   the text file with GPT-2's own BPE (lora_np.bpe), keep its last tenth for validation.
+2. Validation loss and a sample from --prompt, before.
+3. LoRA (default r = 8 on W_q, W_v) with AdamW and the package's one training loop; every base
+   weight frozen, W_e and its tied twin W_u included.
+4. Validation loss and a sample, after; the adapter saved as lora_np's .npz and, for adapters of
+   W_q, W_k, W_v, in PEFT's format (lora_np.peft), and the numbers in results.json.
+
+Nothing is downloaded: the weights come from the folder given (GPT-2's files from the Hugging
+Face hub, openai-community/gpt2: config.json, model.safetensors, vocab.json, merges.txt).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..core.config import LORA_TARGETS, LoraConfig, check_int
+from ..core.lora import check_rank, init_lora
+from ..core.params import cast
+from ..io.peft import QKV, export_peft
+from ..training.checkpoint import CheckpointError, save_adapters, write_atomic
+from ..training.counting import count_arrays, gpt_params
+from ..training.optim import AdamW
+from ..training.threads import add_threads_flag, apply_threads
+from ..training.train import TrainingDiverged, evaluate, generate, train
+from .cli import Parser, check_out_dir, fail
+
+
+def parser(prog):
+    p = Parser(prog=prog, description="LoRA-fine-tune GPT-2 (published weights you have on disk) "
+                                "on a plain-text file, in NumPy.")  # fmt: skip
+    p.add_argument("--weights", required=True, help="folder with GPT-2's config.json, model.safetensors, vocab.json, "
+                   "merges.txt (e.g. downloaded from huggingface.co/openai-community/gpt2)")  # fmt: skip
+    p.add_argument("--data", required=True,
+                   help="a UTF-8 text file to fine-tune on; its last 10%% is the validation set")  # fmt: skip
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    p.add_argument("--targets", default="W_q,W_v",
+                   help=f"weights to adapt, from {','.join(LORA_TARGETS)} (default W_q,W_v)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence, at most n_positions (default 128)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    p.add_argument("--prompt", default="The", help="text the samples before and after continue (default 'The')")
+    p.add_argument("--new-tokens", type=int, default=40, help="tokens sampled after the prompt (default 40)")
+    p.add_argument("--eval-windows", type=int, default=16, help="validation windows of block-size tokens (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the adapters, batches and samples (default 0)")
+    p.add_argument("--out", default="runs/gpt2",
+                   help="output folder: adapter.npz, peft/, results.json (default runs/gpt2)")  # fmt: skip
+    add_threads_flag(p)
+    return p
+
+
+def check_args(a):
+    """Every argument and path checked before any work: ValueError with one clear line."""
+    for name in ("rank", "steps", "batch_size", "block_size", "new_tokens", "eval_windows"):
+        check_int(f"--{name.replace('_', '-')}", getattr(a, name), 1)
+    check_int("--seed", a.seed, 0)
+    if not (np.isfinite(a.lr) and a.lr > 0) or not (np.isfinite(a.alpha) and a.alpha > 0):
+        raise ValueError(f"--lr and --alpha must be finite numbers > 0, got {a.lr}, {a.alpha}")
+    targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+    lora = LoraConfig(r=a.rank, alpha=a.alpha, targets=targets)
+    if not Path(a.weights).is_dir():
+        raise ValueError(f"--weights {a.weights!r} is not a folder")
+    data = Path(a.data)
+    if not data.is_file() or data.stat().st_size == 0:
+        raise ValueError(f"--data {a.data!r} is not a non-empty file")
+    check_out_dir("--out", a.out)
+    return lora
+
+
+def run(a, log=print):
+    from ..io.gpt2 import load_gpt2
+
+    lora = check_args(a)
+    t0 = time.perf_counter()
+    params, tok = load_gpt2(a.weights)
+    cfg = params.config
+    check_rank(cfg, lora)
+    if a.block_size > cfg.context_length:
+        raise ValueError(f"--block-size {a.block_size} is longer than the model's n_positions {cfg.context_length}")
+    load_s = time.perf_counter() - t0
+    apply_threads(a.threads, cfg.d_model, log)
+    n_total = gpt_params(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.context_length,
+                         tied_head=params["W_u"] is params["W_e"])  # fmt: skip
+    log(f"loaded GPT-2 from {a.weights}: {cfg.n_layers} layers, d_model {cfg.d_model}, {n_total:,} parameters, "
+        f"{params['W_e'].dtype}, in {load_s:.1f} s")  # fmt: skip
+
+    t0 = time.perf_counter()
+    text = Path(a.data).read_text(encoding="utf-8")
+    ids = np.array(tok.encode(text), dtype=np.int64)
+    split = int(0.9 * ids.size)
+    train_ids, val_ids = ids[:split], ids[split:]
+    log(f"tokenized {a.data}: {len(text):,} characters, {ids.size:,} tokens ({train_ids.size:,} train, "
+        f"{val_ids.size:,} validation) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    T = a.block_size
+    if val_ids.size < T + 1 or train_ids.size < T + 1:
+        raise ValueError(f"--data is too short: its validation tenth has {val_ids.size} tokens and its training "
+                         f"part {train_ids.size}; each needs at least --block-size + 1 = {T + 1}")  # fmt: skip
+
+    prompt = np.array(tok.encode(a.prompt), dtype=np.int64)
+    if prompt.size == 0:
+        raise ValueError("--prompt must not be empty")
+
+    def measure(adapters=None):
+        loss = evaluate(params, val_ids, adapters, lora if adapters else None, block_size=T,
+                        max_windows=a.eval_windows, batch_size=a.batch_size)  # fmt: skip
+        sample = generate(params, prompt, a.new_tokens, adapters, lora if adapters else None,
+                          temperature=0.8, seed=a.seed)  # fmt: skip
+        return loss, tok.decode(sample.tolist())
+
+    before_loss, before_sample = measure()
+    log(f"validation loss before: {before_loss:.4f}")
+
+    adapters = cast(init_lora(cfg, lora, seed=a.seed), params["W_e"].dtype)
+    optimizer = AdamW(adapters, lr=a.lr)
+    n_train = count_arrays(adapters)
+    log(f"LoRA r={lora.r} alpha={lora.alpha:g} on {','.join(lora.targets)}: {n_train:,} trainable parameters "
+        f"({n_train / n_total:.3%} of the model); every base weight frozen")  # fmt: skip
+    history = train(params, train_ids, optimizer, adapters=adapters, lora=lora, steps=a.steps,
+                    batch_size=a.batch_size, block_size=T, seed=a.seed, log_every=10, label="LoRA")  # fmt: skip
+    after_loss, after_sample = measure(adapters)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapters(out / "adapter.npz", adapters, lora, params)
+    exported = None
+    if set(lora.targets) <= set(QKV):
+        exported = str(export_peft(adapters, lora, cfg, out / "peft"))
+    results = {
+        "weights": str(a.weights), "data": str(a.data), "config": vars(cfg),
+        "lora": {**vars(lora), "targets": list(lora.targets)}, "steps": a.steps, "batch_size": a.batch_size,
+        "block_size": T, "lr": a.lr, "seed": a.seed, "total_params": n_total, "trainable": n_train,
+        "load_seconds": load_s, "train_seconds": history["time"][-1], "tokens_per_s": history["tokens_per_s"],
+        "val_loss_before": before_loss, "val_loss_after": after_loss,
+        "sample_before": before_sample, "sample_after": after_sample, "peft": exported,
+    }  # fmt: skip
+    write_atomic(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode("utf-8")))
+    log(f"\nvalidation loss: {before_loss:.4f} before, {after_loss:.4f} after ({history['time'][-1]:.0f} s, "
+        f"{history['tokens_per_s']:,.0f} tokens/s)")  # fmt: skip
+    log(f"\nsample before, from {a.prompt!r}:\n  {before_sample!r}\nsample after:\n  {after_sample!r}")
+    log(f"\nwrote {out / 'adapter.npz'}{', ' + exported if exported else ''} and {out / 'results.json'}")
+    return results
+
+
+def main(argv, prog="python -m lora_np gpt2"):
+    if argv[:1] == ["bench"]:
+        from ..bench.gpt2 import main as bench_main
+
+        return bench_main(argv[1:], f"{prog} bench")
+    p = parser(prog)
+    a = p.parse_args(argv)
+    try:
+        check_args(a)
+    except (TypeError, ValueError) as e:
+        fail(prog, str(e))
+    try:
+        run(a)
+    except (CheckpointError, ValueError) as e:  # a file that does not fit, found once it is read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

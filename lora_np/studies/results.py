@@ -1,0 +1,57 @@
+"""Results files: what a study writes and a notebook reads, written atomically and read back checked.
+
+A results file is JSON with a "format_version" and the "config" it was computed with; a reader
+refuses a file of another version or configuration, saying which command regenerates it.
+"""
+
+import json
+from pathlib import Path
+
+from ..training.checkpoint import write_atomic
+
+
+def rounded(x, digits):
+    # significant digits, not decimals: a projection norm can be 1e-3 and must keep its digits
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return x
+
+
+def save_results(results, path, digits=6, grid_digits=4, grid_sections=()):
+    """Write results as JSON, atomically (tmp + rename). Floats keep `digits` significant digits,
+    the sections named in grid_sections `grid_digits` (a heatmap cannot show more, and the file stays a
+    few hundred kB)."""
+    path = Path(path)
+    kept = {k: rounded(v, grid_digits if k in grid_sections else digits) for k, v in results.items()}
+    text = (json.dumps(kept, separators=(",", ":")) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text))
+    return path
+
+
+def read_checked(path, config, version, command):
+    """A cached results file, after checking its format version and that its "config" is `config`
+    (a JSON-ready dict). Raises ValueError saying what does not match and the command that
+    regenerates the file. Returns (results, the advice to print with any later complaint)."""
+    path = Path(path)
+    fix = f"regenerate it with `{command}`"
+    if not path.exists():
+        raise ValueError(f"no results file at {path}; {fix}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # a file cut short or edited by hand
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not a results object; {fix}")
+    if results.get("format_version") != version:
+        raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
+                         f"{version}; {fix}")  # fmt: skip
+    got = results.get("config")
+    if got != config:
+        diff = sorted(k for k in set(config) | set(got or {}) if (got or {}).get(k) != config.get(k))
+        raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
+    return results, fix
+

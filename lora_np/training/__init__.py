@@ -1,0 +1,1 @@
+"""Training and measuring: data, optimizers, the training loop, checkpoints, counts."""
