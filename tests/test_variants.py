@@ -127,12 +127,12 @@ def test_a_quantized_or_shared_frozen_weight_cannot_be_trained():
     lora = LoraConfig(r=2, targets=TARGETS, base_quant="nf4")
     base, adapters = init_adapters(init_params(CFG, seed=0), lora, seed=1)
     logits, cache = model_forward(base, TOKENS, adapters, lora)
-    with pytest.raises(ValueError, match="stored as 4-bit NF4"):
+    with pytest.raises(ValueError, match=r"stored in another format than an array \(a quantized base\)"):
         model_backward(np.ones_like(logits), cache, trainable=["blocks.0.W_o"])
     lora = LoraConfig(r=2, targets=TARGETS, method="vera")
     base, adapters = init_adapters(init_params(CFG, seed=0), lora, seed=1)
     logits, cache = model_forward(base, TOKENS, adapters, lora)
-    with pytest.raises(ValueError, match="VeRA's shared random matrices"):
+    with pytest.raises(ValueError, match="adapter arrays that the method keeps frozen by definition"):
         model_backward(np.ones_like(logits), cache, trainable=["vera.8x8.A"])
 
 

@@ -5,6 +5,7 @@ at the line that wrote it, with a message naming the field, the value and what i
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -13,13 +14,51 @@ from numbers import Integral, Real
 # (lookups) and W_u (the output head) are not offered.
 LORA_TARGETS = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
 DEFAULT_TARGETS = ("W_q", "W_v")  # LoraConfig's default, the paper's choice for GPT-3 (Section 7.1)
-LORA_INITS = ("gaussian", "kaiming", "pissa")
-# The adapter baselines of the paper's Section 5.1 and Table 1: bottleneck layers inserted into each
-# block (adapters.py). They adapt no weight, so they cannot be merged: the latency LoRA removes.
-ADAPTER_METHODS = ("adapter_h", "adapter_l")
-# LoRA and two of its successors, each a forward/backward pair (layers.py, dora.py, vera.py); then the adapters
-LORA_METHODS = ("lora", "dora", "vera", *ADAPTER_METHODS)
-BASE_QUANTS = (None, "nf4")
+
+
+# ----------------------------------------------------------------------------
+# The seam, on the configuration's side. LoRA's own choices are these: method "lora", A drawn
+# "gaussian" (the paper) or "kaiming" (loralib's and PEFT's), a base kept as it is. A method that
+# came later widens them from its own module (lora_np/methods/), by adding an Extension here.
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What a later method adds to LoraConfig.
+
+    - methods: new values of `method`
+    - layer_methods: those of them that insert layers of their own and adapt no weight (their
+      targets are ())
+    - inits: new values of `init`; base_quants: new values of `base_quant`
+    - check: check(lora), run on every LoraConfig once its fields are valid; raises ValueError on a
+      combination of fields that would not mean what it says (e.g. the method's own option set
+      under another method)
+    """
+
+    methods: tuple = ()
+    layer_methods: tuple = ()
+    inits: tuple = ()
+    base_quants: tuple = ()
+    check: Callable = None
+
+
+EXTENSIONS = {}  # name -> Extension, one for each later method (lora_np/methods/ fills it)
+
+
+def allowed(field):
+    """The values LoraConfig accepts for "method", "init", "base_quant" or the layer methods."""
+    own = {"method": ("lora",), "init": ("gaussian", "kaiming"), "base_quant": (None,), "layer_method": ()}
+    key = {"method": "methods", "init": "inits", "base_quant": "base_quants", "layer_method": "layer_methods"}[field]
+    return own[field] + tuple(v for e in EXTENSIONS.values() for v in getattr(e, key))
+
+
+def __getattr__(name):
+    # The tuples earlier versions kept here, now read from the extensions registered
+    computed = {"LORA_METHODS": "method", "LORA_INITS": "init", "BASE_QUANTS": "base_quant",
+                "ADAPTER_METHODS": "layer_method"}  # fmt: skip
+    if name in computed:
+        return allowed(computed[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_int(name, value, minimum=1):
@@ -77,18 +116,15 @@ class LoraConfig:
     #                     changes (Section 4.1), it does not remove it: notebook 02 (7d) measures the rest
     targets: tuple = DEFAULT_TARGETS  # the paper's choice for GPT-3 (Section 7.1)
     dropout: float = 0.0  # inverted dropout on the input of A, training only
-    init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default;
-    #                         "pissa": A, B from W0's top-r singular triplets, W0 replaced by the residual
+    init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default; "pissa" (pissa.py)
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-    # The successors (each a choice the paper's LoRA is the default of):
-    method: str = "lora"  # "dora": W' = m ⊙ (W0 + s·B·A)/‖·‖ (Liu et al. 2024); "vera": shared frozen A, B and
-    #                       trainable vectors, h = W0·x + Λ_b·B·Λ_d·A·x (Kopiczko et al. 2024);
-    #                       "adapter_h", "adapter_l": not LoRA but the paper's adapter baselines (AdapterH, Houlsby
-    #                       et al. 2019; AdapterL, Lin et al. 2020), with r the bottleneck width: adapters.py
+    # What came after LoRA, each a choice of which the paper's LoRA is the default. Each is read and checked
+    # only by its own module in lora_np/methods/ (registered in EXTENSIONS above):
+    method: str = "lora"  # "dora" (dora.py), "vera" (vera.py); "adapter_h", "adapter_l": not LoRA but the paper's
+    #                       adapter baselines, with r the bottleneck width (adapters.py)
     lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's; the paper recommends 16
-    dora_exact_norm: bool = False  # DoRA: differentiate through ‖W0 + s·B·A‖ (exact) instead of treating
-    #                                it as a constant in the backward (the DoRA paper's Section 4.3, PEFT's)
-    base_quant: str = None  # "nf4": the blocks' linear weights stored as 4-bit NormalFloat (QLoRA's base)
+    dora_exact_norm: bool = False  # DoRA: differentiate through ‖W0 + s·B·A‖ instead of treating it as a constant
+    base_quant: str = None  # "nf4": the blocks' linear weights stored as 4-bit NormalFloat (QLoRA's base, nf4.py)
     double_quant: bool = False  # with nf4: quantize the per-block scales too (QLoRA's double quantization)
 
     def __post_init__(self):
@@ -107,10 +143,11 @@ class LoraConfig:
                 f"targets must be a tuple or list of names such as ('W_q', 'W_v'), got {self.targets!r:.60}"
             )
         targets = tuple(self.targets)
-        adapter = isinstance(self.method, str) and self.method in ADAPTER_METHODS
-        if adapter:
-            # An adapter adapts no weight: its targets are (). The default is accepted and dropped, as a frozen
-            # dataclass cannot tell it from one not given; any other choice would not mean what it says.
+        adds_layers = isinstance(self.method, str) and self.method in allowed("layer_method")
+        if adds_layers:
+            # A method that inserts layers adapts no weight: its targets are (). The default is accepted and
+            # dropped, as a frozen dataclass cannot tell it from one not given; any other choice would not mean
+            # what it says.
             if targets not in ((), DEFAULT_TARGETS):
                 raise ValueError(
                     f"method={self.method!r} inserts bottleneck layers after fixed sublayers and "
@@ -120,7 +157,7 @@ class LoraConfig:
         for t in targets:
             if t not in LORA_TARGETS:
                 raise ValueError(f"unknown LoRA target {t!r} in targets; valid targets are {LORA_TARGETS}")
-        if not targets and not adapter:
+        if not targets and not adds_layers:
             raise ValueError(f"targets must name at least one of {LORA_TARGETS}, got an empty sequence")
         if len(set(targets)) != len(targets):
             raise ValueError(f"targets must not repeat a name, got {targets}")
@@ -130,45 +167,23 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        if self.init not in LORA_INITS:
-            raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
+        if self.init not in allowed("init"):
+            raise ValueError(f"init must be one of {allowed('init')}, got {self.init!r}")
         if not isinstance(self.rslora, bool):
             raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
-        if self.method not in LORA_METHODS:
-            raise ValueError(f"method must be one of {LORA_METHODS}, got {self.method!r}")
+        if self.method not in allowed("method"):
+            raise ValueError(f"method must be one of {allowed('method')}, got {self.method!r}")
         ratio = self.lr_ratio
         if not (isinstance(ratio, Real) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"lr_ratio must be a finite number > 0 (LoRA+'s lr_B / lr_A), got {ratio!r}")
         object.__setattr__(self, "lr_ratio", float(ratio))
-        for flag in ("dora_exact_norm", "double_quant"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.base_quant not in BASE_QUANTS:
-            raise ValueError(f"base_quant must be one of {BASE_QUANTS}, got {self.base_quant!r}")
-        # combinations that would not mean what they say
-        if adapter:
-            defaults = {"alpha": 4.0, "dropout": 0.0, "init": "gaussian", "rslora": False, "lr_ratio": 1.0,
-                        "base_quant": None}  # fmt: skip
-            changed = {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
-            if changed:
-                raise ValueError(
-                    f"method={self.method!r} is an adapter (r = its bottleneck width): it has no scaling alpha/r, no "
-                    f"dropout on A, no initialization of A and B to choose, no lr_B/lr_A and no quantized base; leave "
-                    f"{', '.join(defaults)} at their defaults, got "
-                    + ", ".join(f"{k}={v!r}" for k, v in changed.items())
-                )
-        if self.init == "pissa" and self.method != "lora":
-            raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={self.method!r} has its own")
-        if self.method == "vera" and (self.rslora or self.lr_ratio != 1.0 or self.init != "gaussian"):
-            raise ValueError("method='vera' has no scaling, no separate A and B learning rates and its own "
-                             "initialization: leave rslora, lr_ratio and init at their defaults")  # fmt: skip
-        if self.dora_exact_norm and self.method != "dora":
-            raise ValueError(f"dora_exact_norm applies to method='dora', got method={self.method!r}")
-        if self.base_quant is not None and (self.method != "lora" or self.init == "pissa"):
-            raise ValueError("base_quant='nf4' (QLoRA) quantizes the base under plain LoRA: method='lora', init "
-                             f"'gaussian' or 'kaiming'; got method={self.method!r}, init={self.init!r}")  # fmt: skip
-        if self.double_quant and self.base_quant is None:
-            raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
+        if self.base_quant not in allowed("base_quant"):
+            raise ValueError(f"base_quant must be one of {allowed('base_quant')}, got {self.base_quant!r}")
+        # Each later method checks the combinations of its own options; the chosen method's check first, so that
+        # its message is the one given when several apply
+        for extension in sorted(EXTENSIONS.values(), key=lambda e: self.method not in e.methods):
+            if extension.check is not None:
+                extension.check(self)
 
     @property
     def scaling(self):

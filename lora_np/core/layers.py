@@ -37,15 +37,16 @@ def linear_forward(x, W, b):
 
     Inputs:
     - x: (..., d_in)
-    - W: (d_out, d_in)
+    - W: (d_out, d_in), an array, or a weight stored in another format that np.asarray turns into
+      one (a quantized base weight: decoded for this product only, whatever its format)
     - b: (d_out,) or None for no bias
 
     Returns:
     - out: (..., d_out)
-    - cache: (x, W, has_bias)
+    - cache: (x, W, has_bias), W as given: a stored weight stays in its compact form
     """
     # One 2-D product, not a stack of small ones: BLAS sees (N, d_in) @ (d_in, d_out).
-    out = x.reshape(-1, x.shape[-1]) @ W.T  # (N, d_out)
+    out = x.reshape(-1, x.shape[-1]) @ np.asarray(W).T  # (N, d_out)
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], W.shape[0]), (x, W, b is not None)
@@ -65,6 +66,7 @@ def linear_backward(dout, cache, *, need_dW=True, need_db=True):
     - db: (d_out,)       ∂L/∂b = g, summed over positions, or None
     """
     x, W, has_bias = cache
+    W = np.asarray(W)  # a stored weight is decoded again, for dx (an array is W itself)
     g = dout.reshape(-1, W.shape[0])  # (N, d_out)
     dx = (g @ W).reshape(x.shape)  # ∂L/∂x = Wᵀ·g
     dW = g.T @ x.reshape(-1, W.shape[1]) if need_dW else None  # ∂L/∂W = g·xᵀ, (d_out, d_in)
@@ -85,7 +87,8 @@ def lora_linear_forward(x, W, b, A, B, scaling, *, dropout=0.0, rng=None):
 
     Inputs:
     - x: (..., d_in)
-    - W: (d_out, d_in), the frozen W0
+    - W: (d_out, d_in), the frozen W0: an array, or a weight stored in another format that
+      np.asarray turns into one (as in linear_forward)
     - b: (d_out,) or None
     - A: (r, d_in), drawn at random at init
     - B: (d_out, r), zero at init, so the layer starts as exactly W0
@@ -97,7 +100,7 @@ def lora_linear_forward(x, W, b, A, B, scaling, *, dropout=0.0, rng=None):
     - out: (..., d_out)
     - cache: (x, W, xd, mask, xA, A, B, scaling), in this order:
         x     the input as given, (..., d_in); backward reads only its shape
-        W     W0 (d_out, d_in), for the frozen path of dx
+        W     W0 (d_out, d_in) as given, for the frozen path of dx
         xd    the input of A, (N, d_in) with N = prod(x.shape[:-1]): x after dropout, or x itself
         mask  (N, d_in) with entries 0 or 1/(1 - dropout), or None when dropout is 0
         xA    A·x (N, r), the input of B
@@ -109,7 +112,7 @@ def lora_linear_forward(x, W, b, A, B, scaling, *, dropout=0.0, rng=None):
         raise ValueError("rng must be a np.random.Generator when dropout > 0, got None")
     d_in = W.shape[1]
     x2 = x.reshape(-1, d_in)  # (N, d_in)
-    h = x2 @ W.T  # (N, d_out)   W0·x: the frozen path
+    h = x2 @ np.asarray(W).T  # (N, d_out)   W0·x: the frozen path
     if b is not None:
         h += b
     # Inverted dropout on the input of A only: the frozen path sees the clean x.
@@ -155,7 +158,7 @@ def lora_linear_backward(dout, cache, *, need_dA=True, need_dB=True):
     """
     x, W, xd, mask, xA, A, B, scaling = cache
     g = dout.reshape(-1, W.shape[0])  # (N, d_out)
-    dx = g @ W  # (N, d_in)   W0ᵀ·g, the frozen path
+    dx = g @ np.asarray(W)  # (N, d_in)   W0ᵀ·g, the frozen path (a stored W0 decoded again)
     dB = scaling * (g.T @ xA) if need_dB else None  # ∂L/∂B = s·g·(A·x)ᵀ, (d_out, N)@(N, r)
     dxA = scaling * (g @ B)  # (N, r)   s·Bᵀ·g, the gradient at A·x
     dA = dxA.T @ xd if need_dA else None  # ∂L/∂A = s·Bᵀ·g·xᵀ (x after dropout), (r, N)@(N, d_in)

@@ -13,79 +13,96 @@ is in it, so the Params records it (Params.merged_adapters): merging the same ad
 or unmerging adapters that were never merged, is refused instead of adding or subtracting ΔW
 a second time.
 
-LoRA's successors (LoraConfig.method "dora", "vera"; see lora_np.variants) name their arrays
-here too (adapter_names): DoRA adds a magnitude m (d_out,) to each A, B pair; VeRA trains two
-vectors per adapted weight on one frozen random pair per weight shape ("vera." names, never
-trained). merge and unmerge hand them, and a 4-bit base, to lora_np.variants.
-
-The paper's adapter baselines (method "adapter_h", "adapter_l"; see lora_np.adapters) are named
-here as well, so that model_forward, the trainer and the checkpoints take them as they take LoRA;
-they adapt no weight (their targets are ()), and merge refuses them: they are extra layers.
+The seam. Plain LoRA is written out here and in model.py. A method that came after it (DoRA,
+VeRA, the paper's adapter baselines: lora_np/methods/) plugs in through one table, METHODS, which
+its own module fills with a Method: the arrays it needs, how it starts, how an adapted weight runs
+forward and backward, the layers it inserts into a block, how it merges. The core looks a method
+up there when LoraConfig.method is not "lora", and names none of them.
 
 Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
 """
 
 import numpy as np
 
-from .config import ADAPTER_METHODS, LoraConfig, ModelConfig
-from .params import Params, check_seed, is_quantized
+from .config import LoraConfig, ModelConfig
+from .params import Params, check_seed
+
+# ----------------------------------------------------------------------------
+# the seam: every method other than plain LoRA
+
+
+class Method:
+    """A method other than plain LoRA, as the core sees it.
+
+    Its own module (lora_np/methods/) subclasses this and adds an instance to METHODS under its
+    LoraConfig.method name. Where LoRA has an answer, it is the default here.
+
+    - names(cfg, lora) -> {name: shape}: its adapter arrays, in a fixed order
+    - init(cfg, lora, seed) -> adapters: fresh arrays that leave the model exactly the base model
+    - frozen_prefix: adapter names starting with it are never trained (None: every array trains)
+    - check_rank(cfg, lora): ValueError unless r fits the model
+    - linear_forward(x, W, b, adapters, name, lora, dropout, rng) -> (out, cache), and
+      linear_backward(dout, cache, name, want) -> (dx, {name: gradient, for the names in want}):
+      the pair that replaces lora_linear_forward/backward for the adapted weight `name`
+    - layers: {slot: (forward, backward)}, layers the method inserts into every block at the slots
+      of model.SLOTS, forward(h, adapters, prefix) -> (out, cache) and
+      backward(dout, cache, prefix, want, grads) -> dh, with prefix "blocks.{l}."
+    - merge(params, adapters, lora) -> merged and unmerge(merged, adapters, lora, norms) -> params,
+      as merge and unmerge below
+    """
+
+    frozen_prefix = None
+    layers = {}
+
+    def names(self, cfg, lora):
+        raise NotImplementedError
+
+    def init(self, cfg, lora, seed):
+        raise NotImplementedError
+
+    def check_rank(self, cfg, lora):
+        check_rank_of_targets(cfg, lora)
+
+    def linear_forward(self, x, W, b, adapters, name, lora, dropout, rng):
+        raise NotImplementedError
+
+    def linear_backward(self, dout, cache, name, want):
+        raise NotImplementedError
+
+    def merge(self, params, adapters, lora):
+        raise NotImplementedError
+
+    def unmerge(self, merged, adapters, lora, norms=None):
+        raise NotImplementedError
+
+
+METHODS = {}  # LoraConfig.method -> Method, for every method but "lora" (lora_np/methods/ fills it)
 
 
 def adapter_names(cfg, lora):
     """The adapter arrays a model needs, as {name: shape}, in a fixed order (blocks, targets, A then B).
 
-    method "lora": A (r, d_in) and B (d_out, r) per adapted weight; "dora" adds the magnitude
-    m (d_out,); "vera" has two trainable vectors per adapted weight, lambda_d (r,) and
-    lambda_b (d_out,), and one frozen random pair per weight shape, shared by every layer:
-    "vera.{d_out}x{d_in}.A" (r, d_in) and ".B" (d_out, r). The adapter methods: their bottleneck
-    layers' arrays (lora_np.adapters.adapter_layer_names).
+    LoRA: A (r, d_in) and B (d_out, r) per adapted weight. Another method: its own (Method.names).
     """
-    if lora.method in ADAPTER_METHODS:
-        from ..methods.adapters import adapter_layer_names
-
-        return adapter_layer_names(cfg, lora)
+    if lora.method != "lora":
+        return METHODS[lora.method].names(cfg, lora)
     names = {}
-    if lora.method == "vera":
-        for t in lora.targets:
-            d_out, d_in = cfg.linear_shape(t)
-            names[f"{VERA_SHARED}{d_out}x{d_in}.A"] = (lora.r, d_in)
-            names[f"{VERA_SHARED}{d_out}x{d_in}.B"] = (d_out, lora.r)
     for l in range(cfg.n_layers):
         for t in lora.targets:
             d_out, d_in = cfg.linear_shape(t)
-            if lora.method == "vera":
-                names[f"blocks.{l}.{t}.lambda_d"] = (lora.r,)
-                names[f"blocks.{l}.{t}.lambda_b"] = (d_out,)
-                continue
             names[f"blocks.{l}.{t}.A"] = (lora.r, d_in)
             names[f"blocks.{l}.{t}.B"] = (d_out, lora.r)
-            if lora.method == "dora":
-                names[f"blocks.{l}.{t}.m"] = (d_out,)
     return names
 
 
-VERA_SHARED = "vera."  # the prefix of VeRA's frozen shared matrices: adapters, but never trained
-
-
 def trainable_adapters(adapters):
-    """The names of the adapter arrays that train: all but VeRA's frozen shared matrices."""
-    return [name for name in adapters if not name.startswith(VERA_SHARED)]
+    """The names of the adapter arrays that train: all but those a method keeps frozen (Method.frozen_prefix)."""
+    frozen = tuple(m.frozen_prefix for m in METHODS.values() if m.frozen_prefix)
+    return [name for name in adapters if not name.startswith(frozen)]
 
 
-def vera_shared(adapters, cfg, target):
-    """VeRA's frozen (A, B) for a target's weight shape."""
-    d_out, d_in = cfg.linear_shape(target)
-    return adapters[f"{VERA_SHARED}{d_out}x{d_in}.A"], adapters[f"{VERA_SHARED}{d_out}x{d_in}.B"]
-
-
-def check_rank(cfg, lora):
-    """r must not exceed min(d_out, d_in) of any target: beyond it B·A cannot gain rank. For an
-    adapter, r is the bottleneck's width and must not exceed d_model: a wider one is no bottleneck."""
-    if lora.method in ADAPTER_METHODS:
-        if lora.r > cfg.d_model:
-            raise ValueError(f"r is the bottleneck width of method={lora.method!r} and must be between 1 and "
-                             f"d_model = {cfg.d_model}, got r={lora.r}")  # fmt: skip
-        return
+def check_rank_of_targets(cfg, lora):
+    """r must not exceed min(d_out, d_in) of any target: beyond it B·A cannot gain rank."""
     for t in lora.targets:
         d_out, d_in = cfg.linear_shape(t)
         if lora.r > min(d_out, d_in):
@@ -93,6 +110,13 @@ def check_rank(cfg, lora):
                 f"r must be between 1 and min(d_out, d_in) = {min(d_out, d_in)} for target {t} "
                 f"of shape (d_out, d_in) = {(d_out, d_in)}, got r={lora.r}"
             )
+
+
+def check_rank(cfg, lora):
+    """ValueError unless r fits the model: for LoRA, r <= min(d_out, d_in) of every target."""
+    if lora.method != "lora":
+        return METHODS[lora.method].check_rank(cfg, lora)
+    check_rank_of_targets(cfg, lora)
 
 
 def init_lora(cfg, lora, seed):
@@ -117,17 +141,11 @@ def init_lora(cfg, lora, seed):
         raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
     check_seed(seed)
     check_rank(cfg, lora)
-    if lora.method == "vera":  # shared frozen matrices and two vectors: lora_np.variants
-        from ..methods.variants import init_vera
-
-        return init_vera(cfg, lora, seed)
-    if lora.method in ("adapter_h", "adapter_l"):  # config.ADAPTER_METHODS: bottleneck layers, not a ΔW
-        from ..methods.adapters import init_adapter_layers
-
-        return init_adapter_layers(cfg, lora, seed)
-    if lora.method == "dora" or lora.init == "pissa":
-        raise ValueError(f"method={lora.method!r}, init={lora.init!r} initializes from the base weights W0: "
-                         f"use lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
+    if lora.method != "lora":
+        return METHODS[lora.method].init(cfg, lora, seed)
+    if lora.init not in ("gaussian", "kaiming"):  # an init computed from W0 needs the base weights
+        raise ValueError(f"init={lora.init!r} initializes from the base weights W0: use "
+                         f"lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
     rng = np.random.default_rng(seed)
     adapters = {}
     for name, shape in adapter_names(cfg, lora).items():
@@ -191,21 +209,22 @@ def merge(params, adapters, lora):
       params (never written to), and params and adapters are left untouched. It records the
       adapters as merged (merged.merged_adapters); merging them into it again is a ValueError.
 
-    (DoRA's W' = m ⊙ V/‖V‖, VeRA's W0 + Λ_b·B·Λ_d·A and a 4-bit base: lora_np.variants.merge_variant.)
+    A weight stored in another format (a quantized base) is merged as the array it stands for, and
+    every such weight comes back as that array: the merged model is a plain one. Another method
+    merges its own way (Method.merge: DoRA's W' = m ⊙ V/‖V‖, VeRA's W0 + Λ_b·B·Λ_d·A).
     """
     check_adapters(params, adapters, lora)
-    if lora.method != "lora" or is_quantized(params):  # DoRA's and VeRA's W' are not W0 + s·B·A
-        from ..methods.variants import merge_variant
-
-        return merge_variant(params, adapters, lora)
+    if lora.method != "lora":
+        return METHODS[lora.method].merge(params, adapters, lora)
     # params.copy() that also records these adapters as merged, and refuses them if they already are
     merged = params.with_merged(adapters, lora)  # shallow: arrays LoRA does not adapt are shared
+    merged.update({k: np.asarray(v) for k, v in params.items() if not isinstance(v, np.ndarray)})
     for l in range(params.config.n_layers):
         for t in lora.targets:
             name = f"blocks.{l}.{t}"
             # s·B·A: (d_out, r) @ (r, d_in), formed once here so that inference never forms it
             delta = lora.scaling * (adapters[name + ".B"] @ adapters[name + ".A"])
-            merged[name] = params[name] + delta  # W' = W0 + s·B·A
+            merged[name] = merged[name] + delta  # W' = W0 + s·B·A
     return merged
 
 
@@ -215,15 +234,13 @@ def unmerge(merged, adapters, lora, norms=None):
     Subtracting the same s·B·A that merge added gives W0 back to within an ulp or so of W0 + s·B·A,
     not bit for bit: (W0 + Δ) - Δ rounds twice.
 
-    Inputs and Returns as in merge, with `merged` in place of params. `norms` only for DoRA,
-    whose merged weight has lost the norms it needs (lora_np.variants.dora_norms explains).
+    Inputs and Returns as in merge, with `merged` in place of params. `norms` only for a method
+    whose merged weight has lost what unmerging needs (DoRA: lora_np.variants.dora_norms explains).
     Adapters that merge did not fold into `merged` are refused (ValueError), not subtracted.
     """
     check_adapters(merged, adapters, lora)
     if lora.method != "lora":
-        from ..methods.variants import unmerge_variant
-
-        return unmerge_variant(merged, adapters, lora, norms)
+        return METHODS[lora.method].unmerge(merged, adapters, lora, norms)
     params = merged.without_merged(adapters, lora)  # merged.copy(), minus these adapters in its record
     for l in range(merged.config.n_layers):
         for t in lora.targets:

@@ -19,11 +19,11 @@ Forward (pre-LayerNorm, GPT-2 style), numbered as the backward undoes it:
 A linear weight named in `lora.targets` runs through lora_linear_forward instead of
 linear_forward: h = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ.
 
-The paper's adapter baselines (lora.method "adapter_h", "adapter_l"; lora_np.adapters) add
-layers instead, Adapter(h) = h + W_up·f(W_down·h + b_down) + b_up:
-      4a. AdapterH: on y·W_oᵀ + b_o, before the residual add of stage 4
-      8a. AdapterH: on z·W_2ᵀ + b_2, before the residual add of stage 8
-      9.  AdapterL: x = x + W_up·f(W_down·LN_a(x) + b_down) + b_up, after stage 8
+The seam for the methods that came after LoRA (lora_np.core.lora.METHODS, filled by
+lora_np/methods/): such a method brings its own pair for an adapted weight, in place of the
+LoRA pair, and may insert layers of its own at three slots of a block (SLOTS), on the output of
+stage 4's projection, on the output of stage 8's, and after stage 8's residual add (the paper's
+adapter baselines use them).
 
 model_backward forms a gradient only for the names in `trainable`; everything else is
 frozen and its gradient is never computed (the saving LoRA is about).
@@ -31,10 +31,6 @@ frozen and its gradient is never computed (the saving LoRA is about).
 
 import numpy as np
 
-from ..methods.adapters import adapter_backward, adapter_forward, adapter_ln_backward, adapter_ln_forward
-from ..methods.dora import dora_linear_backward, dora_linear_forward
-from ..methods.nf4 import NF4Tensor
-from ..methods.vera import vera_linear_backward, vera_linear_forward
 from .layers import (
     attention_backward,
     attention_forward,
@@ -49,8 +45,15 @@ from .layers import (
     lora_linear_backward,
     lora_linear_forward,
 )
-from .lora import VERA_SHARED, check_adapters, trainable_adapters, vera_shared
-from .params import check_params
+from .lora import METHODS, check_adapters, trainable_adapters
+from .params import check_params, is_stored_weight
+
+# Where a method may insert a layer of its own into a block (Method.layers), as block_forward's stages
+SLOTS = (
+    "after_attn",  # 4a. on y·W_oᵀ + b_o, before the residual add of stage 4
+    "after_mlp",  # 8a. on z·W_2ᵀ + b_2, before the residual add of stage 8
+    "after_block",  # 9. on x, after the residual add of stage 8
+)
 
 
 def check_tokens(tokens, cfg, name="tokens"):
@@ -74,60 +77,38 @@ def check_tokens(tokens, cfg, name="tokens"):
 
 
 def _proj_forward(x, params, adapters, lora, prefix, w, train, rng):
-    W, b = params[prefix + w], params[prefix + "b_" + w[2:]]  # "W_q" -> "b_q"
-    stored = W
-    if isinstance(W, NF4Tensor):  # QLoRA: the 4-bit base, dequantized for this product only
-        W = W.dequantize()
-    if adapters is not None and w in lora.targets:
-        name = prefix + w
-        p = lora.dropout if train else 0.0  # dropout is a training-time regularizer only
-        if lora.method == "dora":
-            A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
-            out, cache = dora_linear_forward(x, W, b, A, B, m, lora.scaling, dropout=p, rng=rng,
-                                             detach_norm=not lora.dora_exact_norm)  # fmt: skip
-            return out, ("dora", cache)
-        if lora.method == "vera":
-            A, B = vera_shared(adapters, params.config, w)
-            d, bv = adapters[name + ".lambda_d"], adapters[name + ".lambda_b"]
-            out, cache = vera_linear_forward(x, W, b, A, B, d, bv, dropout=p, rng=rng)
-            return out, ("vera", cache)
-        A, B = adapters[name + ".A"], adapters[name + ".B"]
-        out, cache = lora_linear_forward(x, W, b, A, B, lora.scaling, dropout=p, rng=rng)
-        kind = "lora"
-    else:
+    name = prefix + w
+    W, b = params[name], params[prefix + "b_" + w[2:]]  # "W_q" -> "b_q"
+    if adapters is None or w not in lora.targets:
         out, cache = linear_forward(x, W, b)
-        kind = "linear"
-    if stored is not W:  # keep the 4-bit weight in the cache, not its float copy: dequantized again for dx
-        cache = (cache[0], stored, *cache[2:])
-    return out, (kind, cache)
+        return out, ("linear", cache)
+    p = lora.dropout if train else 0.0  # dropout is a training-time regularizer only
+    if lora.method != "lora":  # a later method's own pair for an adapted weight (the seam, lora.METHODS)
+        out, cache = METHODS[lora.method].linear_forward(x, W, b, adapters, name, lora, p, rng)
+        return out, (lora.method, cache)
+    A, B = adapters[name + ".A"], adapters[name + ".B"]
+    out, cache = lora_linear_forward(x, W, b, A, B, lora.scaling, dropout=p, rng=rng)
+    return out, ("lora", cache)
 
 
 def _proj_backward(dout, cache, prefix, w, want, grads):
     kind, c = cache
     w_name, b_name = prefix + w, prefix + "b_" + w[2:]  # names, not arrays: keys of want and grads
-    if isinstance(c[1], NF4Tensor):  # linear and LoRA caches hold W0 second
-        c = (c[0], c[1].dequantize(), *c[2:])
-    if kind in ("lora", "dora", "vera"):
-        if kind == "lora":
-            dx, dA, dB = lora_linear_backward(dout, c, need_dA=w_name + ".A" in want, need_dB=w_name + ".B" in want)
-            new = {".A": dA, ".B": dB}
-        elif kind == "dora":
-            dx, dA, dB, dm = dora_linear_backward(dout, c, need_dA=w_name + ".A" in want, need_dB=w_name + ".B" in want,
-                                                  need_dm=w_name + ".m" in want)  # fmt: skip
-            new = {".A": dA, ".B": dB, ".m": dm}
-        else:
-            dx, dd, db_ = vera_linear_backward(dout, c, need_dd=w_name + ".lambda_d" in want,
-                                               need_db=w_name + ".lambda_b" in want)  # fmt: skip
-            new = {".lambda_d": dd, ".lambda_b": db_}
-        grads.update({w_name + k: g for k, g in new.items() if g is not None})
-        if b_name in want:  # ∂L/∂b = g, summed over positions; it does not involve W0 or the adapter
-            grads[b_name] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    if kind == "linear":
+        dx, dW, db = linear_backward(dout, c, need_dW=w_name in want, need_db=b_name in want)
+        if dW is not None:
+            grads[w_name] = dW
+        if db is not None:
+            grads[b_name] = db
         return dx
-    dx, dW, db = linear_backward(dout, c, need_dW=w_name in want, need_db=b_name in want)
-    if dW is not None:
-        grads[w_name] = dW
-    if db is not None:
-        grads[b_name] = db
+    if kind == "lora":
+        dx, dA, dB = lora_linear_backward(dout, c, need_dA=w_name + ".A" in want, need_dB=w_name + ".B" in want)
+        grads.update({n: g for n, g in ((w_name + ".A", dA), (w_name + ".B", dB)) if g is not None})
+    else:
+        dx, new = METHODS[kind].linear_backward(dout, c, w_name, want)
+        grads.update(new)
+    if b_name in want:  # ∂L/∂b = g, summed over positions; it does not involve W0 or the adapter
+        grads[b_name] = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
     return dx
 
 
@@ -142,83 +123,57 @@ def _layernorm_backward(dout, cache, prefix, want, grads):
 
 
 # ----------------------------------------------------------------------------
-# the adapter layers of the adapter baselines (AdapterH: GELU, Houlsby et al.; AdapterL: ReLU, Lin et al.)
-
-_BOTTLENECK = ("W_down", "b_down", "W_up", "b_up")
-
-
-def _adapter_layer_forward(h, adapters, name):
-    """AdapterH's layer on h, or AdapterL's (with its LayerNorm) when `name` ends in "adapter"."""
-    w = [adapters[f"{name}.{k}"] for k in _BOTTLENECK]
-    if name.endswith(".adapter"):
-        return adapter_ln_forward(h, adapters[name + ".ln.gamma"], adapters[name + ".ln.beta"], *w, act="relu")
-    return adapter_forward(h, *w, act="gelu")
-
-
-def _adapter_layer_backward(dout, cache, name, want, grads):
-    need = {f"need_d{k}": f"{name}.{k}" in want for k in _BOTTLENECK}
-    if name.endswith(".adapter"):
-        dh, *g = adapter_ln_backward(dout, cache, need_dgamma=name + ".ln.gamma" in want,
-                                     need_dbeta=name + ".ln.beta" in want, **need)  # fmt: skip
-        keys = ("ln.gamma", "ln.beta", *_BOTTLENECK)
-    else:
-        dh, *g = adapter_backward(dout, cache, **need)
-        keys = _BOTTLENECK
-    grads.update({f"{name}.{k}": gk for k, gk in zip(keys, g, strict=True) if gk is not None})
-    return dh
-
-
-# ----------------------------------------------------------------------------
 # one transformer block
 
 
 def block_forward(x, params, l, adapters, lora, train, rng):
-    """One pre-LN block. x: (B, T, D) -> (B, T, D), and its cache (stages 4a, 8a, 9: adapter methods only)."""
+    """One pre-LN block. x: (B, T, D) -> (B, T, D), and its cache (4a, 8a, 9: a method's layers, if any)."""
     p = f"blocks.{l}."
     c = {}
-    method = lora.method if adapters is not None else None
+    inserted = METHODS[lora.method].layers if adapters is not None and lora.method != "lora" else {}
 
     def proj(inp, w):
         out, c[w] = _proj_forward(inp, params, adapters, lora, p, w, train, rng)
         return out
 
-    def adapter(h, slot):  # the adapter layers of the adapter baselines; their caches sit beside the rest
-        out, c[slot] = _adapter_layer_forward(h, adapters, p + slot)
+    def slot(h, name):  # a method's own layer at this slot, if it has one; its cache sits beside the rest
+        if name not in inserted:
+            return h
+        out, c[name] = inserted[name][0](h, adapters, p)
         return out
 
     a, c["ln1"] = layernorm_forward(x, params[p + "ln1.gamma"], params[p + "ln1.beta"])  # 1
     q, k, v = proj(a, "W_q"), proj(a, "W_k"), proj(a, "W_v")  # 2. (B, T, D) each
     y, c["att"] = attention_forward(q, k, v, params.config.n_heads)  # 3.
-    o = proj(y, "W_o")  # (B, T, D)
-    if method == "adapter_h":
-        o = adapter(o, "adapter_attn")  # 4a. AdapterH, before the residual add
+    o = slot(proj(y, "W_o"), "after_attn")  # (B, T, D); 4a. before the residual add
     x = x + o  # 4. residual
     m, c["ln2"] = layernorm_forward(x, params[p + "ln2.gamma"], params[p + "ln2.beta"])  # 5
     u = proj(m, "W_1")  # 6. (B, T, M)
     z, c["gelu"] = gelu_forward(u)  # 7.
-    h = proj(z, "W_2")  # (B, T, D)
-    if method == "adapter_h":
-        h = adapter(h, "adapter_mlp")  # 8a. AdapterH, before the residual add
+    h = slot(proj(z, "W_2"), "after_mlp")  # (B, T, D); 8a. before the residual add
     x = x + h  # 8. residual
-    if method == "adapter_l":
-        x = adapter(x, "adapter")  # 9. AdapterL: its own LayerNorm and skip, after the MLP's residual add
+    x = slot(x, "after_block")  # 9.
+    if inserted:
+        c["method"] = lora.method
     return x, c
 
 
 def block_backward(dx, c, l, want, grads):
     """Backward of block_forward, stages 9 to 1. dx: (B, T, D), the gradient at the block's output."""
     p = f"blocks.{l}."
-    if "adapter" in c:  # 9. AdapterL: x = x + bottleneck(LN_a(x)), its skip included in its backward
-        dx = _adapter_layer_backward(dx, c["adapter"], p + "adapter", want, grads)
-    # 8. x = x + h with h = z·W_2ᵀ + b_2 (or 8a. its AdapterH): the residual passes dx through unchanged
-    dh = _adapter_layer_backward(dx, c["adapter_mlp"], p + "adapter_mlp", want, grads) if "adapter_mlp" in c else dx
-    dz = _proj_backward(dh, c["W_2"], p, "W_2", want, grads)
+    inserted = METHODS[c["method"]].layers if "method" in c else {}
+
+    def slot(dh, name):  # the backward of a method's layer at this slot, if the forward ran one
+        return inserted[name][1](dh, c[name], p, want, grads) if name in c else dh
+
+    dx = slot(dx, "after_block")  # 9. (its skip connection included in its backward)
+    # 8. x = x + h with h = z·W_2ᵀ + b_2 (8a. through the method's layer): the residual passes dx through
+    dz = _proj_backward(slot(dx, "after_mlp"), c["W_2"], p, "W_2", want, grads)
     du = gelu_backward(dz, c["gelu"])  # 7.
     dm = _proj_backward(du, c["W_1"], p, "W_1", want, grads)  # 6.
     dx = dx + _layernorm_backward(dm, c["ln2"], p + "ln2", want, grads)  # 5.
-    # 4. x = x + o (4a. o through AdapterH): residual again
-    do = _adapter_layer_backward(dx, c["adapter_attn"], p + "adapter_attn", want, grads) if "adapter_attn" in c else dx
-    dy = _proj_backward(do, c["W_o"], p, "W_o", want, grads)
+    # 4. x = x + o (4a. o through the method's layer): residual again
+    dy = _proj_backward(slot(dx, "after_attn"), c["W_o"], p, "W_o", want, grads)
     dq, dk, dv = attention_backward(dy, c["att"])  # 3.
     da = (  # 2. a feeds all three projections, so their gradients add
         _proj_backward(dq, c["W_q"], p, "W_q", want, grads)
@@ -238,8 +193,8 @@ def model_forward(params, tokens, adapters=None, lora=None, *, train=False, rng=
     Inputs:
     - params: Params from init_params (its dtype, float32 or float64, is the compute dtype)
     - tokens: (B, T) integer ids, T <= context_length
-    - adapters: dict from init_lora, or None for the plain model (LoRA's A and B, a successor's
-      arrays, or the adapter layers of lora.method "adapter_h" / "adapter_l")
+    - adapters: dict from init_lora, or None for the plain model (LoRA's A and B, or the arrays of
+      another method of lora.METHODS)
     - lora: the LoraConfig the adapters were made for (required with adapters)
     - train: True turns on LoRA dropout
     - rng: np.random.Generator for dropout (required when train and lora.dropout > 0)
@@ -275,9 +230,10 @@ def model_forward(params, tokens, adapters=None, lora=None, *, train=False, rng=
 
     cache = {
         "names": list(params) + (list(adapters) if adapters is not None else []),
+        "params": list(params),
         "default_trainable": trainable_adapters(adapters) if adapters is not None else list(params),
         "adapted": lora.targets if adapters is not None else (),
-        "quantized": {n for n, a in params.items() if isinstance(a, NF4Tensor)},
+        "stored": {n for n, a in params.items() if is_stored_weight(a)},
         "logits": (logits.shape, logits.dtype),
         "tok": c_tok,
         "pos": c_pos,
@@ -307,13 +263,15 @@ def _resolve_trainable(trainable, cache):
             f"unknown trainable names {unknown[:4]}: neither parameters nor adapters of this forward pass; "
             f"known names look like 'blocks.0.W_q', 'blocks.0.W_q.A', 'ln_f.gamma'"
         )
-    frozen = sorted(n for n in want if n.startswith(VERA_SHARED))
+    adapter_names = set(cache["names"]) - set(cache["params"])
+    frozen = sorted(n for n in want if n in adapter_names and n not in cache["default_trainable"])
     if frozen:
-        raise ValueError(f"trainable includes {frozen[:2]}, VeRA's shared random matrices, frozen by definition; "
-                         f"VeRA trains the vectors lambda_d and lambda_b")  # fmt: skip
-    quantized = sorted(n for n in want if n in cache["quantized"])
-    if quantized:
-        raise ValueError(f"trainable includes {quantized[:2]}, stored as 4-bit NF4: a quantized base is frozen")
+        raise ValueError(f"trainable includes {frozen[:2]}, adapter arrays that the method keeps frozen by "
+                         f"definition; train the others: {sorted(cache['default_trainable'])[:3]}...")  # fmt: skip
+    stored = sorted(n for n in want if n in cache["stored"])
+    if stored:
+        raise ValueError(f"trainable includes {stored[:2]}, stored in another format than an array (a quantized "
+                         f"base): such a weight is frozen")  # fmt: skip
     both = sorted(n for n in want if n.rsplit(".", 1)[-1] in cache["adapted"])
     if both:
         raise ValueError(
@@ -324,8 +282,8 @@ def _resolve_trainable(trainable, cache):
 
 
 # what model_forward's cache holds; model_backward refuses anything else before reading it
-_CACHE_KEYS = frozenset({"names", "default_trainable", "adapted", "quantized", "logits", "tok", "pos", "blocks",
-                         "ln_f", "head"})  # fmt: skip
+_CACHE_KEYS = frozenset({"names", "params", "default_trainable", "adapted", "stored", "logits", "tok", "pos",
+                         "blocks", "ln_f", "head"})  # fmt: skip
 
 
 def model_backward(dlogits, cache, trainable=None):

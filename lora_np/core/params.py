@@ -17,7 +17,6 @@ from numbers import Integral
 
 import numpy as np
 
-from ..methods.nf4 import NF4Tensor
 from .config import ModelConfig
 
 
@@ -85,7 +84,7 @@ def adapters_fingerprint(adapters, lora):
     return h.hexdigest()
 
 
-QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")  # the blocks' linear weights (QLoRA quantizes these)
+QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")  # the blocks' linear weights: the ones a base may store quantized
 
 
 def param_shapes(cfg):
@@ -143,9 +142,17 @@ def init_params(cfg, seed):
     return Params(cfg, arrays)
 
 
+def is_stored_weight(a):
+    """True for a weight kept in another format than a NumPy array, such as a quantized base weight
+    (QLoRA's 4-bit NormalFloat, lora_np.methods.nf4): an object with a shape and a dtype that
+    np.asarray turns into the array it stands for. The layers use it through np.asarray alone, so
+    they need not know its format; it is frozen, as only an array can take a gradient step."""
+    return not isinstance(a, np.ndarray) and hasattr(a, "__array__") and hasattr(a, "shape") and hasattr(a, "dtype")
+
+
 def is_quantized(params):
-    """True when some weight of params is stored quantized (an NF4Tensor, QLoRA's base)."""
-    return any(isinstance(a, NF4Tensor) for a in params.values())
+    """True when some weight of params is stored in another format than an array (is_stored_weight)."""
+    return any(is_stored_weight(a) for a in params.values())
 
 
 def cast(arrays, dtype):
@@ -154,7 +161,7 @@ def cast(arrays, dtype):
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     if isinstance(arrays, Params) and is_quantized(arrays):
-        raise ValueError("params hold quantized (NF4) weights: cast before quantizing")
+        raise ValueError("params hold weights stored in another format (quantized): cast before quantizing")
     out = {k: v.astype(dtype) for k, v in arrays.items()}
     return Params(arrays.config, out) if isinstance(arrays, Params) else out
 
@@ -176,8 +183,9 @@ def check_params(params):
         raise ValueError(f"params must be float32 or float64, got W_e with dtype {dtype}")
     for name, shape in expected.items():
         a = params[name]
-        # QLoRA's 4-bit base is checked by the shape and dtype it dequantizes to
-        array_like = isinstance(a, np.ndarray) or (name.rsplit(".", 1)[-1] in QUANTIZABLE and isinstance(a, NF4Tensor))
+        # a blocks' linear weight stored in another format (a quantized base) is checked by the shape
+        # and dtype it stands for
+        array_like = isinstance(a, np.ndarray) or (name.rsplit(".", 1)[-1] in QUANTIZABLE and is_stored_weight(a))
         if not array_like or a.shape != shape or a.dtype != dtype:
             got = (a.shape, a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"params[{name!r}] must be an array of shape {shape} and dtype {dtype}, got {got}")

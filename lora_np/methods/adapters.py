@@ -10,11 +10,11 @@ drops some adapter layers; neither is built here.) An adapter layer, in column f
 
     Adapter(h) = h + W_up·f(W_down·h + b_down) + b_up      W_down (r, D), W_up (D, r), r ≪ D
 
-and in the pre-LN block of model.py (numbers are model.py's stages):
+and in the pre-LN block of model.py (numbers are model.py's stages, names its SLOTS):
 
-    AdapterH   4a.  x = x + Adapter(y·W_oᵀ + b_o)       after attention's output projection
-               8a.  x = x + Adapter(z·W_2ᵀ + b_2)       after the MLP, both before the residual add
-    AdapterL   9.   x = x + Adapter'(LN_a(x))           one a block, after the MLP's residual add,
+    AdapterH   4a.  x = x + Adapter(y·W_oᵀ + b_o)       after attention's output projection ("after_attn")
+               8a.  x = x + Adapter(z·W_2ᵀ + b_2)       after the MLP ("after_mlp"), both before the residual add
+    AdapterL   9.   x = x + Adapter'(LN_a(x))           one a block, after the MLP's residual add ("after_block"),
                                                         behind a LayerNorm of its own
 
 AdapterL's place follows Lin et al.'s code (zlinao/VGLM, pytorch_transformers/modeling_vlm.py: the
@@ -55,7 +55,7 @@ References
 
 import numpy as np
 
-from ..core.config import ADAPTER_METHODS
+from ..core.config import EXTENSIONS, Extension
 from ..core.layers import (
     gelu_backward,
     gelu_forward,
@@ -64,6 +64,9 @@ from ..core.layers import (
     linear_backward,
     linear_forward,
 )
+from ..core.lora import METHODS, Method
+
+ADAPTER_METHODS = ("adapter_h", "adapter_l")  # LoraConfig.method values: AdapterH, AdapterL
 
 # ----------------------------------------------------------------------------
 # ReLU (AdapterL's nonlinearity; GELU is in layers.py)
@@ -229,3 +232,89 @@ def init_adapter_layers(cfg, lora, seed):
             adapters[name] = np.zeros(shape)
     return adapters
 
+
+# ----------------------------------------------------------------------------
+# the adapter baselines in the model: the core's seam (lora_np.core.lora.METHODS), filled
+
+_BOTTLENECK = ("W_down", "b_down", "W_up", "b_up")
+_PLACES = {  # method -> {model.SLOTS slot: the name of its layer's arrays in a block}
+    "adapter_h": {"after_attn": "adapter_attn", "after_mlp": "adapter_mlp"},
+    "adapter_l": {"after_block": "adapter"},
+}
+
+
+def _layer_pair(place):
+    """(forward, backward) for the adapter layer named `place` in each block, as model.block_forward calls them."""
+
+    def forward(h, adapters, prefix):
+        name = prefix + place
+        w = [adapters[f"{name}.{k}"] for k in _BOTTLENECK]
+        if place == "adapter":  # AdapterL: behind a LayerNorm of its own, ReLU
+            return adapter_ln_forward(h, adapters[name + ".ln.gamma"], adapters[name + ".ln.beta"], *w, act="relu")
+        return adapter_forward(h, *w, act="gelu")  # AdapterH: GELU
+
+    def backward(dout, cache, prefix, want, grads):
+        name = prefix + place
+        need = {f"need_d{k}": f"{name}.{k}" in want for k in _BOTTLENECK}
+        if place == "adapter":
+            dh, *g = adapter_ln_backward(dout, cache, need_dgamma=name + ".ln.gamma" in want,
+                                         need_dbeta=name + ".ln.beta" in want, **need)  # fmt: skip
+            keys = ("ln.gamma", "ln.beta", *_BOTTLENECK)
+        else:
+            dh, *g = adapter_backward(dout, cache, **need)
+            keys = _BOTTLENECK
+        grads.update({f"{name}.{k}": gk for k, gk in zip(keys, g, strict=True) if gk is not None})
+        return dh
+
+    return forward, backward
+
+
+def refuse_merge(lora, what):
+    """ValueError: an adapter layer cannot be merged into a weight (`what`: "merged" or "unmerged")."""
+    raise ValueError(
+        f"method={lora.method!r} adapters cannot be {what}: an adapter is an extra layer, h + W_up·f(W_down·h), "
+        f"with a nonlinearity f between its projections, not an update ΔW to a weight; inference has to run "
+        f"it after the layer before it (the added latency of the LoRA paper's Table 1). LoRA, DoRA and VeRA "
+        f"change weights, and merge into them"
+    )
+
+
+class AdapterLayers(Method):
+    """AdapterH or AdapterL: layers inserted into every block, no adapted weight (targets are ())."""
+
+    def __init__(self, method):
+        self.layers = {slot: _layer_pair(place) for slot, place in _PLACES[method].items()}
+
+    def names(self, cfg, lora):
+        return adapter_layer_names(cfg, lora)
+
+    def init(self, cfg, lora, seed):
+        return init_adapter_layers(cfg, lora, seed)
+
+    def check_rank(self, cfg, lora):
+        if lora.r > cfg.d_model:
+            raise ValueError(f"r is the bottleneck width of method={lora.method!r} and must be between 1 and "
+                             f"d_model = {cfg.d_model}, got r={lora.r}")  # fmt: skip
+
+    def merge(self, params, adapters, lora):
+        refuse_merge(lora, "merged")
+
+    def unmerge(self, merged, adapters, lora, norms=None):
+        refuse_merge(lora, "unmerged")
+
+
+def _check_config(cfg):
+    if cfg.method in ADAPTER_METHODS:
+        defaults = {"alpha": 4.0, "dropout": 0.0, "init": "gaussian", "rslora": False, "lr_ratio": 1.0,
+                    "base_quant": None}  # fmt: skip
+        changed = {k: getattr(cfg, k) for k, v in defaults.items() if getattr(cfg, k) != v}
+        if changed:
+            raise ValueError(
+                f"method={cfg.method!r} is an adapter (r = its bottleneck width): it has no scaling alpha/r, no "
+                f"dropout on A, no initialization of A and B to choose, no lr_B/lr_A and no quantized base; leave "
+                f"{', '.join(defaults)} at their defaults, got " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            )
+
+
+EXTENSIONS["adapters"] = Extension(methods=ADAPTER_METHODS, layer_methods=ADAPTER_METHODS, check=_check_config)
+METHODS.update({m: AdapterLayers(m) for m in ADAPTER_METHODS})

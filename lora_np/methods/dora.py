@@ -40,6 +40,9 @@ References
 
 import numpy as np
 
+from ..core.config import EXTENSIONS, Extension
+from ..core.lora import METHODS, Method
+
 # ----------------------------------------------------------------------------
 # the row norms of V = W0 + s·B·A, without forming V
 
@@ -350,3 +353,68 @@ def dora_unmerge(W_merged, A, B, m, scaling, norms):
     """
     c = m / norms  # (d_out,), the merge's factor
     return W_merged / c[:, None] - scaling * (B @ A)
+
+
+# ----------------------------------------------------------------------------
+# DoRA in the model: the core's seam (lora_np.core.lora.METHODS), filled
+
+
+class DoRA(Method):
+    """DoRA on every adapted weight: LoRA's A, B and a magnitude m (d_out,) each."""
+
+    def names(self, cfg, lora):
+        names = {}
+        for l in range(cfg.n_layers):
+            for t in lora.targets:
+                d_out, d_in = cfg.linear_shape(t)
+                p = f"blocks.{l}.{t}"
+                names.update({p + ".A": (lora.r, d_in), p + ".B": (d_out, lora.r), p + ".m": (d_out,)})
+        return names
+
+    def init(self, cfg, lora, seed):
+        raise ValueError(f"method={lora.method!r}, init={lora.init!r} initializes from the base weights W0: "
+                         f"use lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
+
+    def linear_forward(self, x, W, b, adapters, name, lora, dropout, rng):
+        A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
+        return dora_linear_forward(x, W, b, A, B, m, lora.scaling, dropout=dropout, rng=rng,
+                                   detach_norm=not lora.dora_exact_norm)  # fmt: skip
+
+    def linear_backward(self, dout, cache, name, want):
+        dx, dA, dB, dm = dora_linear_backward(dout, cache, need_dA=name + ".A" in want, need_dB=name + ".B" in want,
+                                              need_dm=name + ".m" in want)  # fmt: skip
+        grads = {name + ".A": dA, name + ".B": dB, name + ".m": dm}
+        return dx, {k: g for k, g in grads.items() if g is not None}
+
+    def merge(self, params, adapters, lora):
+        merged = params.with_merged(adapters, lora)  # a copy with its record; refuses adapters merged before
+        for name in _adapted(params.config, lora):
+            A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
+            merged[name] = dora_merge(params[name], A, B, m, lora.scaling)
+        return merged
+
+    def unmerge(self, merged, adapters, lora, norms=None):
+        adapted = _adapted(merged.config, lora)
+        if not isinstance(norms, dict) or set(norms) != set(adapted):
+            raise ValueError("unmerging DoRA needs norms = lora_np.variants.dora_norms(base, adapters, lora), taken "
+                             "before merging: W' = m ⊙ V/‖V‖ keeps V's direction but not its norm")  # fmt: skip
+        params = merged.without_merged(adapters, lora)  # refuses adapters that were never merged
+        for name in adapted:
+            A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
+            params[name] = dora_unmerge(merged[name], A, B, m, lora.scaling, norms[name])
+        return params
+
+
+def _adapted(cfg, lora):
+    return [f"blocks.{l}.{t}" for l in range(cfg.n_layers) for t in lora.targets]
+
+
+def _check_config(cfg):
+    if not isinstance(cfg.dora_exact_norm, bool):
+        raise TypeError(f"dora_exact_norm must be True or False, got {cfg.dora_exact_norm!r}")
+    if cfg.dora_exact_norm and cfg.method != "dora":
+        raise ValueError(f"dora_exact_norm applies to method='dora', got method={cfg.method!r}")
+
+
+EXTENSIONS["dora"] = Extension(methods=("dora",), check=_check_config)
+METHODS["dora"] = DoRA()

@@ -77,7 +77,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..core.config import check_int
+from ..core.config import EXTENSIONS, Extension, check_int
 
 K_BITS = 4  # k in the paper: NF4 is NFk with k = 4, 2^k = 16 values
 
@@ -320,6 +320,12 @@ class NF4Tensor:
         w = _TABLE[codes].astype(ct) * self.block_scales().astype(ct)[:, None]  # (nb, Bk)
         return w.reshape(-1)[: self.size].reshape(self.shape).astype(self.dtype, copy=False)
 
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(weight): the dequantized weight. This is all the model's layers ask of a weight
+        (lora_np.core.params.is_stored_weight), so they run on a 4-bit base without knowing its format."""
+        w = self.dequantize()
+        return w if dtype is None else w.astype(dtype, copy=False)
+
     def __repr__(self):
         dq = f", dq_block_size={self.dq_block_size}" if self.double_quant else ""
         return (
@@ -417,3 +423,20 @@ def nf4_bits_per_parameter(block_size=64, double_quant=False, dq_block_size=256)
     if not double_quant:
         return K_BITS + 32 / Bk
     return K_BITS + 8 / Bk + 32 / (Bk * Bk2)
+
+
+# ----------------------------------------------------------------------------
+# QLoRA's base in LoraConfig (base_quant="nf4"): the core's seam on the configuration's side
+
+
+def _check_config(cfg):
+    if not isinstance(cfg.double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {cfg.double_quant!r}")
+    if cfg.base_quant is not None and (cfg.method != "lora" or cfg.init == "pissa"):
+        raise ValueError("base_quant='nf4' (QLoRA) quantizes the base under plain LoRA: method='lora', init "
+                         f"'gaussian' or 'kaiming'; got method={cfg.method!r}, init={cfg.init!r}")  # fmt: skip
+    if cfg.double_quant and cfg.base_quant is None:
+        raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
+
+
+EXTENSIONS["nf4"] = Extension(base_quants=("nf4",), check=_check_config)

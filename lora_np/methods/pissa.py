@@ -64,6 +64,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from ..core.config import EXTENSIONS, Extension
+
 
 def pissa_factors(W, r, scaling):
     """PiSSA's start for a weight W0: the adapter (A, B) from its top-r singular triplets, and the residual.
@@ -114,3 +116,15 @@ def pissa_factors(W, r, scaling):
     # is lora.merge's ΔW, so merging the untrained adapter back gives W0 to one rounding per entry.
     W_res = W - scaling * (B @ A)  # (d_out, d_in)   U_{r:}·Σ_{r:}·V_{r:}ᵀ in exact arithmetic
     return A, B, W_res
+
+
+# ----------------------------------------------------------------------------
+# PiSSA in LoraConfig (init="pissa"): the core's seam on the configuration's side
+
+
+def _check_config(cfg):
+    if cfg.init == "pissa" and cfg.method != "lora":
+        raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={cfg.method!r} has its own")
+
+
+EXTENSIONS["pissa"] = Extension(inits=("pissa",), check=_check_config)

@@ -54,7 +54,8 @@ import math
 
 import numpy as np
 
-from ..core.config import check_int
+from ..core.config import EXTENSIONS, Extension, check_int
+from ..core.lora import METHODS, Method
 
 VERA_D_INIT = 0.1  # lambda_d's initial value: PEFT's VeraConfig.d_initial (it cites the paper's Table 6c)
 
@@ -210,3 +211,101 @@ def vera_linear_backward(dout, cache, *, need_dd=True, need_db=True):
     dxd = dxA @ A  # (N, d_in)   Aᵀ·(...)
     dx += dxd if mask is None else dxd * mask
     return dx.reshape(x.shape), d_lambda_d, d_lambda_b
+
+
+# ----------------------------------------------------------------------------
+# VeRA in the model: the core's seam (lora_np.core.lora.METHODS), filled
+
+VERA_SHARED = "vera."  # the prefix of VeRA's frozen shared matrices: adapters, but never trained
+
+
+def vera_shared(adapters, cfg, target):
+    """VeRA's frozen (A, B) for a target's weight shape."""
+    return _shared(adapters, *cfg.linear_shape(target))
+
+
+def _shared(adapters, d_out, d_in):
+    return adapters[f"{VERA_SHARED}{d_out}x{d_in}.A"], adapters[f"{VERA_SHARED}{d_out}x{d_in}.B"]
+
+
+def init_vera(cfg, lora, seed):
+    """VeRA's adapters: the shared frozen (A, B) per weight shape, lambda_d = 0.1, lambda_b = 0."""
+    rng = np.random.default_rng(seed)
+    adapters = {}
+    for t in lora.targets:  # one pair per shape, drawn in the order of the targets
+        d_out, d_in = cfg.linear_shape(t)
+        key = f"{VERA_SHARED}{d_out}x{d_in}"
+        if key + ".A" not in adapters:
+            adapters[key + ".A"], adapters[key + ".B"] = vera_shared_init(d_out, d_in, lora.r, rng)
+    for l in range(cfg.n_layers):
+        for t in lora.targets:
+            d_out, _ = cfg.linear_shape(t)
+            adapters[f"blocks.{l}.{t}.lambda_d"] = np.full(lora.r, VERA_D_INIT)
+            adapters[f"blocks.{l}.{t}.lambda_b"] = np.zeros(d_out)  # 0: the start is exactly the base model
+    return adapters
+
+
+class VeRA(Method):
+    """VeRA on every adapted weight: two trainable vectors each, on one frozen random pair per weight shape."""
+
+    frozen_prefix = VERA_SHARED
+
+    def names(self, cfg, lora):
+        """lambda_d (r,) and lambda_b (d_out,) per adapted weight, after one frozen pair per weight shape,
+        shared by every layer: "vera.{d_out}x{d_in}.A" (r, d_in) and ".B" (d_out, r)."""
+        names = {}
+        for t in lora.targets:
+            d_out, d_in = cfg.linear_shape(t)
+            names[f"{VERA_SHARED}{d_out}x{d_in}.A"] = (lora.r, d_in)
+            names[f"{VERA_SHARED}{d_out}x{d_in}.B"] = (d_out, lora.r)
+        for l in range(cfg.n_layers):
+            for t in lora.targets:
+                d_out, _ = cfg.linear_shape(t)
+                names[f"blocks.{l}.{t}.lambda_d"] = (lora.r,)
+                names[f"blocks.{l}.{t}.lambda_b"] = (d_out,)
+        return names
+
+    def init(self, cfg, lora, seed):
+        return init_vera(cfg, lora, seed)
+
+    def linear_forward(self, x, W, b, adapters, name, lora, dropout, rng):
+        A, B = _shared(adapters, *W.shape)  # the pair of this weight's shape
+        d, bv = adapters[name + ".lambda_d"], adapters[name + ".lambda_b"]
+        return vera_linear_forward(x, W, b, A, B, d, bv, dropout=dropout, rng=rng)
+
+    def linear_backward(self, dout, cache, name, want):
+        dx, dd, db = vera_linear_backward(dout, cache, need_dd=name + ".lambda_d" in want,
+                                          need_db=name + ".lambda_b" in want)  # fmt: skip
+        grads = {name + ".lambda_d": dd, name + ".lambda_b": db}
+        return dx, {k: g for k, g in grads.items() if g is not None}
+
+    def merge(self, params, adapters, lora):
+        merged = params.with_merged(adapters, lora)  # a copy with its record; refuses adapters merged before
+        for name, t in _adapted(params.config, lora):
+            A, B = vera_shared(adapters, params.config, t)
+            # Λ_b·B·Λ_d·A: scale B's rows by lambda_b and A's rows by lambda_d, then one (d_out, r) @ (r, d_in)
+            lb, ld = adapters[name + ".lambda_b"], adapters[name + ".lambda_d"]
+            merged[name] = params[name] + (lb[:, None] * B) @ (ld[:, None] * A)
+        return merged
+
+    def unmerge(self, merged, adapters, lora, norms=None):
+        params = merged.without_merged(adapters, lora)  # refuses adapters that were never merged
+        for name, t in _adapted(merged.config, lora):
+            A, B = vera_shared(adapters, merged.config, t)
+            lb, ld = adapters[name + ".lambda_b"], adapters[name + ".lambda_d"]
+            params[name] = merged[name] - (lb[:, None] * B) @ (ld[:, None] * A)  # W0 = W' - Λ_b·B·Λ_d·A, as merged
+        return params
+
+
+def _adapted(cfg, lora):
+    return [(f"blocks.{l}.{t}", t) for l in range(cfg.n_layers) for t in lora.targets]
+
+
+def _check_config(cfg):
+    if cfg.method == "vera" and (cfg.rslora or cfg.lr_ratio != 1.0 or cfg.init != "gaussian"):
+        raise ValueError("method='vera' has no scaling, no separate A and B learning rates and its own "
+                         "initialization: leave rslora, lr_ratio and init at their defaults")  # fmt: skip
+
+
+EXTENSIONS["vera"] = Extension(methods=("vera",), check=_check_config)
+METHODS["vera"] = VeRA()

@@ -12,9 +12,9 @@ import json
 
 import numpy as np
 
-from ..core.config import ADAPTER_METHODS
 from ..core.lora import merge
 from ..core.model import model_forward
+from ..methods.adapters import ADAPTER_METHODS
 from ..training.checkpoint import save_adapters, save_params, write_atomic
 from ..training.data import decode, encode, eval_windows
 from ..training.train import generate
