@@ -15,6 +15,10 @@
   served with a different adapter per row (notebook 09's numbers)
 """
 
+# This module is the top of the house: it may import any layer. Each command imports what it runs
+# inside its own function, so that a command pays only for itself (the demo never loads matplotlib,
+# which the figures need, nor the course kit).
+
 import argparse
 import sys
 from pathlib import Path
@@ -207,6 +211,10 @@ def run_serving(argv, prog):
 
 
 def run_gpt2(argv, prog):
+    if argv[:1] == ["bench"]:  # `gpt2 bench`: the GPT-2 benchmark (bench layer), not the fine-tune (a study)
+        from .bench.gpt2 import main as bench_main
+
+        return bench_main(argv[1:], f"{prog} gpt2 bench")
     from .studies.gpt2_finetune import main as gpt2_main
 
     return gpt2_main(argv, f"{prog} gpt2")

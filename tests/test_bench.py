@@ -17,7 +17,8 @@ from lora_np.train import loss_and_grads
 
 from lora_np import LORA_TARGETS, LoraConfig, ModelConfig, cast, init_lora, init_params, model_forward
 from lora_np.__main__ import main as cli_main
-from lora_np.bench.cost import FORWARD_VARIANTS, TRAIN_VARIANTS, main, run, step_flops, targets
+from lora_np.bench.cost import FORWARD_VARIANTS, TRAIN_VARIANTS, main, run, step_flops
+from lora_np.bench.report import targets
 from lora_np.figures import draw_bench
 from lora_np.studies.measure import QUICK_SIZES
 from lora_np.studies.recipe import DemoConfig

@@ -19,13 +19,10 @@ from lora_np.studies.experiments import (
     EXPECTED_KEYS,
     FORMAT_VERSION,
     GRID_SECTIONS,
-    Section7Config,
     amplification_table,
     budget_table,
-    init_seed,
     load_results,
     main,
-    prepare,
     rank_for_budget,
     rank_sweep,
     run_all,
@@ -34,6 +31,7 @@ from lora_np.studies.experiments import (
 )
 from lora_np.studies.recipe import DemoConfig
 from lora_np.studies.results import save_results
+from lora_np.studies.section7 import Section7Config, init_seed, prepare
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # the committed results files
 

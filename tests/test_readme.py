@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lora_np.counting import config_lora_params, config_params
 
-from lora_np.bench.cost import readme_table
+from lora_np.bench.report import readme_table
 from lora_np.studies.recipe import DemoConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"

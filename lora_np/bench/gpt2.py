@@ -27,6 +27,8 @@ import numpy as np
 from ..core.config import LoraConfig, ModelConfig
 from ..core.lora import init_lora
 from ..core.params import Params, cast, param_shapes
+from ..io.bpe import GPT2Tokenizer, bytes_to_unicode
+from ..io.gpt2 import load_gpt2, save_gpt2
 from ..studies.cli import Parser, check_out_file, fail
 from ..studies.measure import round_robin
 from ..training.checkpoint import write_atomic
@@ -66,7 +68,6 @@ def _rss():
 
 def _load_probe(path):
     """Run in a fresh process: load, then read every weight once; time and memory as JSON on stdout."""
-    from ..io.gpt2 import load_gpt2
 
     rss0 = _rss()
     t0 = time.perf_counter()
@@ -87,8 +88,6 @@ def run(reps=3, quick=False, log=print):
               "threads": {v: os.environ.get(v, "unset") for v in THREAD_VARS}}  # fmt: skip
     params = random_gpt2(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        from ..io.bpe import GPT2Tokenizer, bytes_to_unicode
-        from ..io.gpt2 import load_gpt2, save_gpt2
 
         tok = GPT2Tokenizer({c: b for b, c in bytes_to_unicode().items()}, [])  # the 256 byte tokens
         save_gpt2(params, tmp, tok)

@@ -175,7 +175,7 @@ class LoraConfig:
             raise ValueError(f"method must be one of {allowed('method')}, got {self.method!r}")
         ratio = self.lr_ratio
         if not (isinstance(ratio, Real) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
-            raise ValueError(f"lr_ratio must be a finite number > 0 (LoRA+'s lr_B / lr_A), got {ratio!r}")
+            raise ValueError(f"lr_ratio must be a finite number > 0 (B's learning rate over A's), got {ratio!r}")
         object.__setattr__(self, "lr_ratio", float(ratio))
         if self.base_quant not in allowed("base_quant"):
             raise ValueError(f"base_quant must be one of {allowed('base_quant')}, got {self.base_quant!r}")

@@ -38,12 +38,12 @@ def close(name, got, want, tol, where=""):
         raise Failure(f"{name} must be {want.dtype} like the inputs, got {got.dtype}{where}")
     err = rel_error(got, want)
     if not err < tol:  # written so that NaN fails
-        ratio = _ratio(got, want)
-        hint = f"; it is {ratio:.4g} times the right value" if ratio is not None else ""
+        times = ratio(got, want)
+        hint = f"; it is {times:.4g} times the right value" if times is not None else ""
         raise Failure(f"{name} {got.shape}: max relative error {err:.1e} (needs < {tol:.0e}){hint}{where}")
 
 
-def _ratio(got, want):
+def ratio(got, want):
     """The factor c when got = c·want (a scaling missing or applied twice), else None."""
     g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
     if not (np.all(np.isfinite(g)) and np.abs(w).max(initial=0) > 0):
@@ -51,7 +51,7 @@ def _ratio(got, want):
     c = g @ w / (w @ w)
     return c if abs(c - 1) > 1e-3 and rel_error(g, c * w) < 1e-8 else None
 
-def _unpack(out, name, n):
+def unpack(out, name, n):
     if not (isinstance(out, tuple) and len(out) == n):
         raise Failure(f"{name} must return a tuple of {n}, got {type(out).__name__}"
                       f"{f' of {len(out)}' if isinstance(out, tuple) else ''}")  # fmt: skip

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ..core import layers
 from ..core.gradcheck import numerical_vjp, rel_error
-from .checking import _ratio, _unpack, check, close, drawn
+from .checking import check, close, drawn, ratio, unpack
 from .student import Failure, Spy, formed, spying
 
 # ----------------------------------------------------------------------------
@@ -75,12 +75,12 @@ def e1_values(student):
     @example(WIDE)
     @example(TALL)
     def run(layer):
-        out, _ = _unpack(_forward(student, layer), "lora_linear_forward", 2)
+        out, _ = unpack(_forward(student, layer), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays()
         want, _ = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)
         if isinstance(out, np.ndarray) and out.shape == want.shape and rel_error(out, want) >= 1e-10:
             base = x @ W.T + (0 if b is None else b)  # where the error is: the frozen path or the LoRA path
-            c = _ratio(out - base, want - base)
+            c = ratio(out - base, want - base)
             if rel_error(out, base) < 1e-10:
                 raise Failure(f"out equals the frozen path W0·x + b alone: the low-rank term is missing{layer}")
             if c is not None:
@@ -96,7 +96,7 @@ def e1_float32(student):
     @given(layers_())
     @example(WIDE)
     def run(layer):
-        out, _ = _unpack(_forward(student, layer, np.float32), "lora_linear_forward", 2)
+        out, _ = unpack(_forward(student, layer, np.float32), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays(np.float32)
         want = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)[0]
         close("out", out, want, 1e-5, f" for float32 inputs{layer}")
@@ -109,7 +109,7 @@ def e1_zero_init(student):
     for layer in (SQUARE, WIDE, TALL, DISTINCT):
         x, W, b, A, B, _ = layer.arrays()
         x = x.reshape(-1, layer.d_in)  # 2-D, so that W0·x is one product whichever way it is written
-        out, _ = _unpack(student.fn("lora_linear_forward")(x, W, b, A, np.zeros_like(B), layer.scaling),
+        out, _ = unpack(student.fn("lora_linear_forward")(x, W, b, A, np.zeros_like(B), layer.scaling),
                          "lora_linear_forward", 2)  # fmt: skip
         base = x @ W.T + (0 if b is None else b)
         if not (isinstance(out, np.ndarray) and out.shape == base.shape and np.array_equal(out, base)):
@@ -122,8 +122,8 @@ def e1_dropout(student):
     N, p = 4000, 0.25
     layer = Layer((N,), 5, 3, 2, 2.0, True, 5)
     x, W, b, A, B, _ = layer.arrays()
-    out, cache = _unpack(_forward(student, layer, dropout=p), "lora_linear_forward", 2)
-    cache = _unpack(cache, "lora_linear_forward's cache", 8)
+    out, cache = unpack(_forward(student, layer, dropout=p), "lora_linear_forward", 2)
+    cache = unpack(cache, "lora_linear_forward's cache", 8)
     mask = cache[3]
     if not isinstance(mask, np.ndarray) or mask.shape != (N, layer.d_in):
         raise Failure(f"with dropout, cache[3] must be the mask of shape {(N, layer.d_in)}, got "
@@ -138,8 +138,8 @@ def e1_dropout(student):
     want = x @ W.T + b + layer.scaling * ((x * mask) @ A.T) @ B.T  # h = W0·x + b + s·B·A·(m⊙x)
     close("out with dropout", out, want, 1e-10, ": it must be W0·x + b + s·B·A·(m⊙x) with your own mask m (the "
           "frozen path sees the clean x)")  # fmt: skip
-    _, cache0 = _unpack(_forward(student, layer, dropout=0.0), "lora_linear_forward", 2)
-    if _unpack(cache0, "lora_linear_forward's cache", 8)[3] is not None:
+    _, cache0 = unpack(_forward(student, layer, dropout=0.0), "lora_linear_forward", 2)
+    if unpack(cache0, "lora_linear_forward's cache", 8)[3] is not None:
         raise Failure("with dropout = 0, cache[3] (the mask) must be None, as the docstring says")
 
 
@@ -148,8 +148,8 @@ def e1_cache(student):
     for layer in (SQUARE, WIDE):
         for p in (0.0, 0.5):
             x, W, b, A, B, dout = layer.arrays()
-            _, cache = _unpack(_forward(student, layer, dropout=p), "lora_linear_forward", 2)
-            cache = _unpack(cache, "lora_linear_forward's cache", 8)
+            _, cache = unpack(_forward(student, layer, dropout=p), "lora_linear_forward", 2)
+            cache = unpack(cache, "lora_linear_forward's cache", 8)
             kw = {"dropout": p, "rng": np.random.default_rng(layer.seed)} if p else {}
             _, mine = layers.lora_linear_forward(x, W, b, A, B, layer.scaling, **kw)
             if p and isinstance(cache[3], np.ndarray) and cache[3].shape == mine[3].shape:
@@ -185,7 +185,7 @@ def _backward(student, layer, dtype=np.float64, dropout=0.0, **flags):
         kw = {"dropout": dropout, "rng": np.random.default_rng(layer.seed)} if dropout else {}
         return layers.lora_linear_forward(x, W, b, A, B, layer.scaling, **kw)
 
-    got = _unpack(student.fn("lora_linear_backward")(dout, forward()[1], **flags), "lora_linear_backward", 3)
+    got = unpack(student.fn("lora_linear_backward")(dout, forward()[1], **flags), "lora_linear_backward", 3)
     return got, (x, A, B), forward, dout
 
 
@@ -249,7 +249,7 @@ def e2_frozen(student):
     for need_dA, need_dB in ((False, True), (True, False), (False, False)):
         with spying() as shapes:
             got = student.fn("lora_linear_backward")(dout.view(Spy), spied, need_dA=need_dA, need_dB=need_dB)
-        got = _unpack(got, "lora_linear_backward", 3)
+        got = unpack(got, "lora_linear_backward", 3)
         flags = f" with need_dA={need_dA}, need_dB={need_dB}"
         for name, need, g, w in zip(("dx", "dA", "dB"), (True, need_dA, need_dB), got, want, strict=True):
             if not need:
@@ -292,7 +292,7 @@ def _ln(student, lead, D, seed, dtype=np.float64, **flags):
     rng = np.random.default_rng(seed)
     x, dout = (rng.normal(size=(*lead, D)).astype(dtype) for _ in range(2))
     gamma, beta = (rng.normal(size=D).astype(dtype) for _ in range(2))
-    got = _unpack(student.fn("layernorm_backward")(dout, layers.layernorm_forward(x, gamma, beta)[1], **flags),
+    got = unpack(student.fn("layernorm_backward")(dout, layers.layernorm_forward(x, gamma, beta)[1], **flags),
                   "layernorm_backward", 3)  # fmt: skip
     return got, (x, gamma, beta), dout
 
@@ -334,7 +334,7 @@ def _att(student, Bsz, T, H, hs, seed, dtype=np.float64):
     rng = np.random.default_rng(seed)
     q, k, v, dy = (rng.normal(size=(Bsz, T, H * hs)).astype(dtype) for _ in range(4))
     got = student.fn("attention_backward")(dy, layers.attention_forward(q, k, v, H)[1])
-    return _unpack(got, "attention_backward", 3), (q, k, v), dy
+    return unpack(got, "attention_backward", 3), (q, k, v), dy
 
 
 @check("E7", 8, "attention_backward: dq, dk, dv match finite differences (float64, causal, several heads)")

@@ -1,10 +1,14 @@
 """The benchmark's figure, drawn from a benchmark JSON (lora_np.bench measures; this only draws)."""
 
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
-from .plotting import FIGURES, _human_bytes
+from ..bench.cost import run
+from ..studies.measure import QUICK_SIZES
+from .plotting import FIGURES, STYLE, human_bytes, save
 
 # ==================================================================================================
 # bench.png: LoRA's cost model measured (lora_np.bench). Reads a benchmark JSON: by default the one
@@ -14,10 +18,10 @@ from .plotting import FIGURES, _human_bytes
 # draw_bench(its JSON) next to that JSON.
 # ==================================================================================================
 
+
 def save_bench_png(json_path):
     """Draw a benchmark JSON into a PNG beside it (same name, .png), as `python -m lora_np figures`
     draws it; returns the PNG's path. The drawing reads the measurement, never the reverse."""
-    from .plotting import STYLE, save
 
     png = Path(json_path).with_suffix(".png")
     with plt.rc_context(STYLE):
@@ -46,13 +50,6 @@ def draw_bench(path=None):
       with one value per size: "step_ms", "predicted_ms", "ratio", "ratio_flops", "ratio_predicted",
       "share", "forward_vs_base", "state_bytes", "peak_bytes"
     """
-    import json
-
-    import numpy as np
-
-    from ..bench.cost import run
-    from ..studies.measure import QUICK_SIZES
-
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -141,7 +138,7 @@ def draw_bench(path=None):
     ax = axes[1, 1]
     bars(ax, "state_bytes")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(plt.FuncFormatter(_human_bytes))
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(human_bytes))
     ax.yaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_ylabel("bytes (log scale)")
     ax.set_title("optimizer state (AdamW's m and v)")

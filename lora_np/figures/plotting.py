@@ -22,7 +22,7 @@ def save(fig, path):
 FIGURES = {}
 
 
-def _human_count(x, _pos=None):
+def human_count(x, _pos=None):
     """1e6 -> '1M', 3e10 -> '30B': tick labels a reader can take in at a glance."""
     for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if x >= div:
@@ -30,7 +30,7 @@ def _human_count(x, _pos=None):
     return f"{x:g}"
 
 
-def _human_bytes(x, _pos=None):
+def human_bytes(x, _pos=None):
     """Decimal units, as the paper writes them (350GB, 35MB)."""
     for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if x >= div:

@@ -2,8 +2,26 @@
 on the demo, and why B = 0 lets training start (see lora_np.figures)."""
 
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
 
-from .plotting import FIGURES, _human_bytes, _human_count
+from ..core.config import LoraConfig, ModelConfig
+from ..core.lora import init_lora
+from ..core.params import cast, init_params
+from ..studies.recipe import DemoConfig, finetune_full_and_lora
+from ..training.counting import (
+    PAPER_MODELS,
+    block_shapes,
+    checkpoint_bytes,
+    gpt_params,
+    lora_transformer_params,
+    weight_params,
+)
+from ..training.data import VOCAB, make_splits, sample_batch
+from ..training.optim import AdamW
+from ..training.train import loss_and_grads, train
+from .plotting import FIGURES, human_bytes, human_count
 
 # ==================================================================================================
 # params_vs_rank.png: trainable parameters against LoRA rank, GPT-3 175B.
@@ -25,18 +43,6 @@ def draw_params_vs_rank():
     - numbers: dict; "ranks" (list of int), "lora_qv" and "lora_qkvo" (lists, one count a rank),
       "full" and "qv_weights" (int): counts of trainable numbers
     """
-    # imported here to keep this section self-contained
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    from ..training.counting import (
-        PAPER_MODELS,
-        block_shapes,
-        checkpoint_bytes,
-        gpt_params,
-        lora_transformer_params,
-        weight_params,
-    )
-
     gpt3 = PAPER_MODELS["GPT-3 175B"]
     L, D = gpt3["n_layers"], gpt3["d_model"]
     shapes = block_shapes(D, gpt3["d_mlp"])
@@ -49,7 +55,7 @@ def draw_params_vs_rank():
     lora_qkvo = [lora_transformer_params(L, dict.fromkeys(("W_q", "W_k", "W_v", "W_o"), r), shapes) for r in ranks]
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    ax.axhline(full, color="black", lw=1.6, label=f"full fine-tuning: every weight ({_human_count(round(full, -8))})")
+    ax.axhline(full, color="black", lw=1.6, label=f"full fine-tuning: every weight ({human_count(round(full, -8))})")
     ax.axhline(
         qv_weights, color="gray", ls="--", lw=1.2, label=f"full fine-tuning of W_q, W_v only ({qv_weights / 1e9:.1f}B)"
     )
@@ -72,7 +78,7 @@ def draw_params_vs_rank():
     ax.set_xlim(0.8, D * 1.25)
     ax.set_ylim(1e6, 1e12)
     ax.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
-    ax.yaxis.set_major_formatter(FuncFormatter(_human_count))
+    ax.yaxis.set_major_formatter(FuncFormatter(human_count))
     ax.set_xlabel("LoRA rank r (log scale)")
     ax.set_ylabel("trainable parameters (count, log scale)")
     ax.set_title(f"GPT-3 175B ({L} layers, d_model = {D:,}): trainable parameters against rank")
@@ -80,7 +86,7 @@ def draw_params_vs_rank():
     per_number = checkpoint_bytes(1, "float16")
     right = ax.secondary_yaxis("right", functions=(lambda n: n * per_number, lambda b: b / per_number))
     right.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
-    right.yaxis.set_major_formatter(FuncFormatter(_human_bytes))
+    right.yaxis.set_major_formatter(FuncFormatter(human_bytes))
     right.set_ylabel("size in fp16 (2 bytes a parameter)")
     ax.legend(loc="lower right", fontsize=8.5, framealpha=0.95)
     fig.tight_layout()
@@ -125,11 +131,6 @@ def draw_finetune_curves(cfg=None, cache_dir=DEMO_CACHE, *, runs=None, log=print
       "val", "trainable", "state_bytes" (as in finetune_full_and_lora), "total_params" (int),
       "lr" {"full", "lora": float}
     """
-    import numpy as np
-    from matplotlib.patches import Patch
-
-    from ..studies.recipe import DemoConfig, finetune_full_and_lora
-
     if runs is None:
         runs = finetune_full_and_lora(DemoConfig() if cfg is None else cfg, cache_dir, log)
     elif cfg is not None:
@@ -231,15 +232,6 @@ def draw_zero_init_grad_norms(base=None):
       one value a step, taken before that step's update), "moved_A", "moved_B" (lists of n + 1
       values, after t = 0..n updates), "lr", "r", "alpha" (the settings), "n_A", "n_B" (entries)
     """
-    # imported here to keep this section self-contained
-    import numpy as np
-
-    from ..core.config import LoraConfig, ModelConfig
-    from ..core.lora import init_lora
-    from ..core.params import cast, init_params
-    from ..training.data import VOCAB, make_splits, sample_batch
-    from ..training.optim import AdamW
-    from ..training.train import loss_and_grads, train
 
     def global_norm(arrays):
         # sqrt of the sum of squares of every array, accumulated in float64

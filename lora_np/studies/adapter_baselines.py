@@ -11,6 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..studies.cli import Parser, check_out_dir, check_out_file, fail
+from ..studies.latency import LATENCY_MODEL, latency_table, measure_latency
+from ..studies.successors import (
+    SuccessorsConfig,
+    compare_methods,
+)
+from ..training.checkpoint import write_atomic
+from ..training.threads import add_threads_flag, apply_threads
+from .recipe import DemoConfig
+from .results import read_checked
+
 # ----------------------------------------------------------------------------
 # quality on the demo task, beside LoRA and full fine-tuning (notebook 08 reads the file)
 
@@ -30,7 +41,6 @@ QUALITY_SEEDS = (0, 1, 2)
 
 
 def _quality_config():
-    from .recipe import DemoConfig
 
     d = DemoConfig()
     return {"seeds": list(QUALITY_SEEDS), "steps": d.steps, "rank": d.rank, "lr": d.lr, "full_lr": d.full_lr,
@@ -48,10 +58,6 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
     {label: [one row a seed]}, each row with "new", "old", "gap_closed" (against the full
     fine-tuning run of the same seed), "trainable", "optimizer_state_bytes", "seconds".
     """
-    from ..studies.successors import (  # here: successors imports the model, which imports this
-        SuccessorsConfig,
-        compare_methods,
-    )
 
     t_start = time.perf_counter()
     _, out = compare_methods(SuccessorsConfig(seeds=QUALITY_SEEDS), QUALITY_METHODS, cache_dir, log)
@@ -64,7 +70,6 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
 def load_results(path=DEFAULT_RESULTS):
     """The results file, after checking that its quality runs were made with the code's configuration
     and that it holds a latency measurement (lora_np.bench_latency). ValueError says how to remake it."""
-    from .results import read_checked
 
     results, fix = read_checked(path, json.loads(json.dumps(_quality_config())), FORMAT_VERSION, COMMAND)
     if set(results.get("runs", {})) != set(QUALITY_METHODS) or "latency" not in results:
@@ -74,10 +79,6 @@ def load_results(path=DEFAULT_RESULTS):
 
 def main(argv=None, prog="python -m lora_np adapters"):
     """Write notebook 08's results file: the quality runs (minutes) and the latency measurement."""
-    from ..studies.cli import Parser, check_out_dir, check_out_file, fail
-    from ..studies.latency import LATENCY_MODEL, latency_table, measure_latency
-    from ..training.checkpoint import write_atomic
-    from ..training.threads import add_threads_flag, apply_threads
 
     p = Parser(
         prog=prog,

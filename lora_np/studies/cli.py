@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..training.threads import add_threads_flag, apply_threads
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a misuse is one line on stderr (the usage is what --help is for)."""
@@ -76,7 +78,6 @@ def results_command(argv, prog, description, *, default_out, default_cache, chec
 
     Returns the exit status: 0, or 1 when --check finds the file does not fit.
     """
-    from ..training.threads import add_threads_flag, apply_threads
 
     p = Parser(prog=prog, description=description)
     p.add_argument("--out", default=str(default_out), help=f"results file (default {default_out})")

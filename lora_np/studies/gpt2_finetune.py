@@ -22,6 +22,7 @@ import numpy as np
 from ..core.config import LORA_TARGETS, LoraConfig, check_int
 from ..core.lora import check_rank, init_lora
 from ..core.params import cast
+from ..io.gpt2 import load_gpt2
 from ..io.peft import QKV, export_peft
 from ..training.checkpoint import CheckpointError, save_adapters, write_atomic
 from ..training.counting import count_arrays, gpt_params
@@ -75,7 +76,6 @@ def check_args(a):
 
 
 def run(a, log=print):
-    from ..io.gpt2 import load_gpt2
 
     lora = check_args(a)
     t0 = time.perf_counter()
@@ -149,10 +149,6 @@ def run(a, log=print):
 
 
 def main(argv, prog="python -m lora_np gpt2"):
-    if argv[:1] == ["bench"]:
-        from ..bench.gpt2 import main as bench_main
-
-        return bench_main(argv[1:], f"{prog} bench")
     p = parser(prog)
     a = p.parse_args(argv)
     try:

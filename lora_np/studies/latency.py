@@ -37,6 +37,7 @@ and `python -m lora_np.bench_latency [--quick] [--out FILE]` prints the table on
 Dimension legend: B batch, T sequence length, D model width, r LoRA rank and adapter bottleneck.
 """
 
+import json
 import os
 import statistics
 import sys
@@ -50,8 +51,10 @@ from ..core.lora import merge
 from ..core.model import model_forward
 from ..core.params import cast, init_params
 from ..methods.variants import init_adapters
+from ..training.checkpoint import write_atomic
 from ..training.data import VOCAB
 from ..training.threads import THREAD_VARS, add_threads_flag, apply_threads, blas_threads
+from .cli import Parser, check_out_file, fail
 from .measure import machine, round_robin
 
 # The measured model: twice the demo's width and layers. Batched, its products dominate a forward; at batch 1
@@ -212,11 +215,6 @@ def latency_table(result, clock="cpu"):
 
 def main(argv=None):
     """`python -m lora_np.bench_latency [--quick] [--reps N] [--r R] [--out FILE]`: measure and print."""
-    import json
-
-    from ..training.checkpoint import write_atomic
-    from .cli import Parser, check_out_file, fail
-
     p = Parser(prog="python -m lora_np.bench_latency",
                description="Per-token inference latency of AdapterH, AdapterL and LoRA (merged, unmerged) against "
                            "the base, on lora_np's float32 forward. Run with OPENBLAS_NUM_THREADS=1.")  # fmt: skip

@@ -21,6 +21,7 @@ from ..methods.serving import STRATEGIES, adapter_bank, merged_forward, multi_lo
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
 from .cli import Parser, check_out_file, fail
+from .measure import QUICK_SIZES, SIZES, round_robin
 
 # ----------------------------------------------------------------------------
 # cost: unmerged mixed batch against one merged model per task
@@ -74,7 +75,6 @@ def serving_cost(cfg, batch, tasks, reps, lora=SERVING_LORA):
       On a shared machine the CPU time is the steadier figure, and a ratio within one round compares
       two runs made moments apart, so a busy spell that hits a round hits both.
     """
-    from .measure import round_robin  # here, not at the top: bench may import this module to wire it in
 
     rng = np.random.default_rng(0)
     T = cfg.context_length
@@ -124,7 +124,6 @@ def bench_serving(sizes=("demo", "d128"), reps=7, quick=False, log=print):
     - {"meta": {"reps", "quick", "threads", "load_before", "load_after", "numpy"},
        "sizes": [{"name", **serving_cost(...)}]}
     """
-    from .measure import QUICK_SIZES, SIZES  # here, not at the top: bench may import this module to wire it in
 
     known = {**SIZES, **QUICK_SIZES}
     if quick:

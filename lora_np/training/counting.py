@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..core.config import LoraConfig, ModelConfig, check_int
+from ..methods.nf4 import nf4_bits_per_parameter
 
 # Published shapes of the models the paper adapts: only what the counts need. d_mlp is 4·d_model
 # for all of them (the paper's convention d_ffn = 4 × d_model, Section 1, which each model's own
@@ -332,7 +333,6 @@ def nf4_base_bytes(cfg, double_quant=False, block_size=64):
     Each weight is padded to whole blocks, as it is stored. With double quantization this is a
     lower bound by a few bytes a weight (a float32 mean, a last partial group of scales), which
     NF4Tensor.nbytes counts exactly."""
-    from ..methods.nf4 import nf4_bits_per_parameter
 
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")

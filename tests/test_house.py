@@ -1,0 +1,208 @@
+"""The house: folders are layers, imports run down, the reading path names LoRA alone.
+
+Every module of the package is parsed (ast), never imported, so an import written inside a
+function counts as much as one at the top. The layers, lowest first:
+
+    core      the reading path: config, params, layers, model, lora, gradcheck (the paper alone)
+    methods   what came after LoRA, and the adapter baselines: layers and techniques only
+    training  data, optimizers, the training loop, checkpoints, counting, Section 7's measures
+    io        GPT-2's published files and PEFT's format
+    studies   the programs that train and write results files (and what they share)
+    bench     the cost model, measured
+    figures   every figure
+    course    the homework and its grader
+    cli       lora_np/__main__.py, the commands
+
+A module imports from its own layer or a lower one, never a higher one; no import cycle, even
+within a layer; a name with a leading underscore is used only in its own module. The package
+root, lora_np/__init__.py, is the public face: it gathers core, methods, training and io (and
+keeps their earlier flat paths), so only layers above io may import it.
+"""
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lora_np"
+LAYERS = ("core", "methods", "training", "io", "studies", "bench", "figures", "course", "cli")
+ROOT_LAYER = "io"  # the layer of lora_np/__init__.py: what it imports
+MAX_LINES = 500
+# Later methods, and words for them, that the reading path's code must not name (its docstrings may).
+LATER = ("dora", "vera", "pissa", "nf4", "qlora", "adapter_h", "adapter_l", "adapterh", "adapterl", "loraplus")
+# LoraConfig's fields are its public signature, fixed for the notebooks and results files that use them;
+# what they mean and how they are checked lives in the methods' own modules.
+SIGNATURE = {("config.py", "dora_exact_norm"), ("config.py", "double_quant"), ("config.py", "base_quant")}
+
+
+def module_name(path):
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer_of(module):
+    if module == "lora_np":
+        return ROOT_LAYER
+    if module == "lora_np.__main__":
+        return "cli"
+    return module.split(".")[1]
+
+
+def imports_of(module):
+    """[(imported module, [names imported from it], line)] for every import of a lora_np module."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "lora_np"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            if target.split(".")[0] != "lora_np":
+                continue
+            names = [a.name for a in node.names]
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            found += [(m, [], node.lineno) for m in submodules]
+            rest = [n for n in names if f"{target}.{n}" not in MODULES]
+            if rest or not submodules:
+                found.append((target, rest, node.lineno))
+    return found
+
+
+def test_every_module_is_in_a_layer():
+    assert {layer_of(m) for m in MODULES} <= set(LAYERS), sorted({layer_of(m) for m in MODULES} - set(LAYERS))
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(LAYERS) - {"cli"}, folders  # one folder a layer, nothing loose beside them
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py"], loose
+
+
+def test_imports_run_down():
+    upward = []
+    for module in MODULES:
+        here = LAYERS.index(layer_of(module))
+        for target, _, line in imports_of(module):
+            if LAYERS.index(layer_of(target)) > here:
+                upward.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{line} ({layer_of(module)}) "
+                              f"imports {target} ({layer_of(target)})")  # fmt: skip
+    assert not upward, "imports that run up the house:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle():
+    graph = defaultdict(set)
+    for module in MODULES:
+        for target, _, _ in imports_of(module):
+            # importing a.b.c runs a and a.b first; a package's own __init__ importing its children is not a cycle
+            if target != module and not module.startswith(target + ".") and target in MODULES:
+                graph[module].add(target)
+    # depth-first search, reporting the first cycle found as a path
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                return stack[stack.index(n) :] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(MODULES):
+        if m not in state and (cycle := visit(m)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_private_names_stay_private():
+    leaks = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        for target, names, line in imports_of(module):
+            leaks += [f"{path.name}:{line} imports {target}.{n}" for n in names if n.startswith("_") and not
+                      n.startswith("__") and target != module]  # fmt: skip
+        # module._name, for a lora_np module bound to a name by an import
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    aliases[(a.asname or a.name).split(".")[0]] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+                imported = [t for t, _, _ in imports_of(module) if t.rsplit(".", 1)[-1] == aliases[node.value.id]]
+                if imported:
+                    leaks.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not leaks, "private names used outside their module:\n" + "\n".join(leaks)
+
+
+def test_no_module_is_over_the_limit():
+    long = {str(p.relative_to(PACKAGE)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _code_words(path):
+    """Every identifier, attribute and non-docstring string of a module's code: what it names."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+            docstrings.add(id(node.body[0].value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            yield node.lineno, node.id
+        elif isinstance(node, ast.Attribute):
+            yield node.lineno, node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            yield node.lineno, node.name
+        elif isinstance(node, ast.arg):
+            yield node.lineno, node.arg
+        elif isinstance(node, ast.alias):
+            yield node.lineno, node.name
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_the_reading_path_names_lora_alone():
+    named = []
+    for path in sorted((PACKAGE / "core").glob("*.py")):
+        for line, word in _code_words(path):
+            hits = [w for w in LATER if w in word.lower().replace("-", "").replace("+", "plus")]
+            if hits and (path.name, word) not in SIGNATURE:
+                named.append(f"core/{path.name}:{line} {word!r:.60} names {hits}")
+    assert not named, "the reading path's code names later methods:\n" + "\n".join(named)
+
+
+def test_the_checks_of_this_file_can_fail(tmp_path, monkeypatch):
+    """Each check above, on a planted module: an upward import, a cycle, a private name, a later method."""
+    planted = {
+        "core/leak.py": "from ..studies import demo\nfrom .params import _private\n",
+        "core/dora_in_core.py": "def f(lora):\n    return lora.method == 'dora'\n",
+        "training/a.py": "from .b import x\n",
+        "training/b.py": "def x():\n    from .a import y\n",
+    }
+    for name, text in planted.items():
+        (tmp_path / "lora_np" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "lora_np" / name).write_text(text)
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "PACKAGE", tmp_path / "lora_np")
+    monkeypatch.setattr(this, "MODULES", {module_name(p): p for p in sorted((tmp_path / "lora_np").rglob("*.py"))})
+    for check, message in ((test_imports_run_down, "lora_np.studies"), (test_no_import_cycle, "lora_np.training.a"),
+                           (test_private_names_stay_private, "_private"),
+                           (test_the_reading_path_names_lora_alone, "'dora'")):  # fmt: skip
+        with pytest.raises(pytest.fail.Exception if check is test_no_import_cycle else AssertionError,
+                           match=message):  # fmt: skip
+            check()
