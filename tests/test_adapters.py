@@ -273,7 +273,5 @@ def test_the_demo_runs_each_adapter(tmp_path, method, label):
 def test_the_committed_results_fit_the_code():
     from lora_np.studies.adapter_baselines import QUALITY_METHODS, load_results
 
-    res = load_results(
-        NOTEBOOKS / "adapters_results.json"
-    )  # raises, saying how to regenerate it, if the demo's recipe changed
+    res = load_results(NOTEBOOKS / "adapters_results.json")  # raises, saying how to regenerate it, if the demo's recipe changed
     assert set(res["runs"]) == set(QUALITY_METHODS) and res["latency"]["checks"]["merged_same_arrays"]

@@ -41,9 +41,7 @@ def run(code):
 @pytest.mark.skipif(transparent_huge_pages() == "always", reason="huge pages 'always': faults per 2 MiB")
 def test_glibcs_defaults_give_each_fresh_mebibyte_its_page_faults():
     # the problem itself: a 1 MiB block freed goes back to the system and returns page by page
-    faults = int(
-        run("from lora_np.training.heap import return_freed_memory; assert return_freed_memory()\n" + ALLOC_LOOP)
-    )
+    faults = int(run("from lora_np.training.heap import return_freed_memory; assert return_freed_memory()\n" + ALLOC_LOOP))
     assert faults >= 30 * PAGES_PER_MIB * 0.9
 
 
