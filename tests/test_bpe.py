@@ -14,7 +14,7 @@ from itertools import pairwise
 import lora_np.bpe
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from lora_np.bpe import GPT2Tokenizer, bpe, bytes_to_unicode, pretokenize
 from lora_np.checkpoint import CheckpointError
@@ -312,6 +312,72 @@ def test_merge_loop_agrees_with_the_sequential_reference(piece):
     merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
     word = "".join(BYTE[b] for b in piece.encode("utf-8"))
     assert bpe(word, tok.bpe_ranks) == sequential_bpe(word, merges)
+
+
+def gpt2_merge_loop(word, ranks):
+    """GPT-2's encoder.py merge loop, as lora_np.bpe.bpe was written before it used a heap: each
+    round finds the lowest-ranked adjacent pair and merges every occurrence, left to right. The
+    reference the heap must agree with, id for id (it is quadratic on long pieces)."""
+    parts = list(word)
+    while len(parts) > 1:
+        pair = min(pairwise(parts), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        parts = merge_pair(parts, pair)
+    return parts
+
+
+@given(st.lists(st.sampled_from(ENGLISH_CHARS[:40]), min_size=1, max_size=60).map("".join))
+def test_heap_merge_loop_agrees_with_gpt2s_loop_on_a_learned_vocabulary(piece):
+    ranks = trained().bpe_ranks
+    word = "".join(BYTE[b] for b in piece.encode("utf-8"))
+    assert bpe(word, ranks) == gpt2_merge_loop(word, ranks)
+
+
+@st.composite
+def merge_tables(draw):
+    """Any merge table the tokenizer accepts over a 3-letter alphabet, in any order: unlike a
+    trainer's, a merge may rank before the merges that make its pieces, so a merge can form a
+    pair of lower rank than its own (the case where one round must finish before the next)."""
+    tokens, pairs = ["a", "b", "c"], []
+    for _ in range(draw(st.integers(0, 10))):
+        pair = (draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens)))
+        if pair not in pairs:
+            pairs.append(pair)
+            tokens.append(pair[0] + pair[1])
+    order = draw(st.permutations(pairs))
+    return {pair: k for k, pair in enumerate(order)}
+
+
+@settings(max_examples=500)  # microseconds each; 1 in 20 random tables meets a round that must finish first
+@given(merge_tables(), st.text(alphabet="abc", min_size=1, max_size=40))
+def test_heap_merge_loop_agrees_with_gpt2s_loop_on_any_merge_table(ranks, word):
+    assert bpe(word, ranks) == gpt2_merge_loop(word, ranks)
+
+
+def test_a_round_finishes_before_a_lower_rank_pair_it_formed():
+    # ("ab", "a") ranks before ("a", "b"): GPT-2 merges both a-b first, and no "ab a" is left
+    ranks = {("ab", "a"): 0, ("a", "b"): 1}
+    assert bpe("abab", ranks) == gpt2_merge_loop("abab", ranks) == ["ab", "ab"]
+    # ("x", "ab") ranks first but exists only after the a-b round
+    ranks = {("x", "ab"): 0, ("a", "b"): 1}
+    assert bpe("xabab", ranks) == gpt2_merge_loop("xabab", ranks) == ["xab", "ab"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heap_merge_loop_agrees_with_gpt2s_loop_on_long_text_without_whitespace(seed):
+    """A few thousand letters in one piece: many rounds, long chains of merges and stale heap
+    entries. (The speed is measured by hand, not here: no timing in tests.)"""
+    rng = random.Random(seed)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzeeetttaaa") for _ in range(3_000))
+    text = english_text(3_000, seed=seed).replace(" ", "").replace("\n", "")  # English words, run together
+    tok = trained()
+    for piece in (letters, text[:3_000]):
+        word = "".join(BYTE[b] for b in piece.encode("utf-8"))
+        expected = gpt2_merge_loop(word, tok.bpe_ranks)
+        assert bpe(word, tok.bpe_ranks) == expected and len(expected) < len(word)
+    word = "".join(BYTE[b] for b in letters.encode("utf-8"))
+    assert tok.encode(letters) == [tok.encoder[t] for t in gpt2_merge_loop(word, tok.bpe_ranks)]  # one piece
 
 
 def test_bounded_cache_does_not_change_the_ids(monkeypatch):

@@ -440,3 +440,67 @@ def test_merged_params_keep_their_record_through_a_save(saved):
     back = unmerge(loaded, adapters, LORA)
     np.testing.assert_allclose(back["blocks.0.W_q"], params["blocks.0.W_q"], rtol=0, atol=1e-15)
     assert load_params(d / "base.npz").merged_adapters == ()
+
+
+# ----------------------------------------------------------------------------
+# the fingerprint itself (issue 21): what it must and must not depend on, each checked on
+# arrays made here, not on another fingerprint computed the same way
+
+
+def test_the_fingerprint_does_not_depend_on_dict_order(saved):
+    d, params, adapters = saved
+    backwards = dict(reversed(list(adapters.items())))
+    assert list(backwards) != list(adapters)
+    assert ckpt.fingerprint(backwards) == ckpt.fingerprint(adapters)
+    save_adapters(d / "backwards.npz", backwards, LORA, params)  # the loader reads the arrays in its own order
+    loaded, _ = load_adapters(d / "backwards.npz", params)
+    assert all(np.array_equal(loaded[k], adapters[k]) for k in adapters)
+
+
+def test_the_fingerprint_hashes_names_and_shapes_not_only_the_values():
+    x = np.arange(6.0)
+    same_bytes = [
+        {"a": x},
+        {"b": x},  # another name
+        {"a": x.reshape(2, 3)},  # another shape
+        {"a": x.reshape(3, 2)},
+        {"a": x[:2], "b": x[2:]},  # the same values cut elsewhere
+        {"a": x[:4], "b": x[4:]},
+    ]
+    assert len({ckpt.fingerprint(p) for p in same_bytes}) == len(same_bytes)
+
+
+def test_the_fingerprint_sees_a_change_below_float32_precision_and_the_float32_one_does_not():
+    rng = np.random.default_rng(0)
+    w = {"W": rng.normal(size=(3, 4))}  # float64
+    nudged = {"W": w["W"] + 1e-12 * (np.arange(12).reshape(3, 4) == 5)}  # one weight, far below float32's 6e-8
+    assert not np.array_equal(nudged["W"], w["W"]) and np.array_equal(nudged["W"].astype(np.float32),
+                                                                      w["W"].astype(np.float32))  # fmt: skip
+    assert ckpt.fingerprint(nudged) != ckpt.fingerprint(w)  # float64 values, hashed as they are
+    assert ckpt.fingerprint(nudged, round_to_float32=True) == ckpt.fingerprint(w, round_to_float32=True)
+    # a float32 array and its exact float64 copy share both; a float64 array and its float32 cast
+    # share only the rounded one (the cast is not the same values)
+    w32 = {"W": w["W"].astype(np.float32)}
+    assert ckpt.fingerprint(w32) == ckpt.fingerprint({"W": w32["W"].astype(np.float64)}) != ckpt.fingerprint(w)
+    assert ckpt.fingerprint(w32, round_to_float32=True) == ckpt.fingerprint(w, round_to_float32=True)
+    assert ckpt.fingerprint({"W": w["W"] + 1e-3}, round_to_float32=True) != ckpt.fingerprint(w, round_to_float32=True)
+
+
+def test_a_float64_weight_nudged_by_1e_12_does_not_load(saved):
+    d, _, _ = saved
+    _rewrite(d / "base.npz", lambda a, m: a["W_u"].__setitem__((0, 0), a["W_u"][0, 0] + 1e-12))
+    with pytest.raises(CheckpointError, match=r"the weights do not match the fingerprint"):
+        load_params(d / "base.npz")
+
+
+def test_a_float64_file_holding_one_float32_array_is_refused(saved):
+    d, _, _ = saved
+
+    def one_float32(arrays, meta):  # a forgery consistent in everything but the mixed dtypes
+        arrays["W_u"] = arrays["W_u"].astype(np.float32)
+        meta["fingerprint"] = ckpt.fingerprint(arrays)
+
+    _rewrite(d / "base.npz", one_float32)
+    with pytest.raises(CheckpointError, match=r"base\.npz: arrays must all be float32 or all float64, got "
+                       r"\['float32', 'float64'\]"):  # fmt: skip
+        load_params(d / "base.npz")

@@ -173,6 +173,22 @@ def test_save_then_load_round_trips(tmp_path):
     np.testing.assert_array_equal(params["W_u"], w["wte.weight"])  # untie copied: the original is untouched
 
 
+def test_a_head_equal_to_wte_is_saved_tied_though_it_is_another_array(tmp_path):
+    """Tied means equal values, not the same object: untie(params), saved before any training,
+    is GPT-2's own tied layout again (no lm_head.weight); one changed number unties it."""
+    params, _ = load_gpt2(checkpoint(tmp_path / "a", published(np.random.default_rng(3))))
+    copy = untie(params)
+    assert copy["W_u"] is not copy["W_e"] and np.array_equal(copy["W_u"], copy["W_e"])
+    for changed in (False, True):
+        if changed:
+            copy["W_u"][0, 0] += 1.0
+        out = tmp_path / f"changed={changed}"
+        save_gpt2(copy, out)
+        stored, _ = read_safetensors(out / "model.safetensors")
+        assert ("lm_head.weight" in stored) is changed
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is not changed
+
+
 @pytest.mark.parametrize(
     "changes, field",
     [

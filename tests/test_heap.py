@@ -95,3 +95,22 @@ def test_keep_freed_memory_writes_the_variables_for_child_processes(monkeypatch)
 
 def test_transparent_huge_pages_names_the_mode_in_brackets():
     assert transparent_huge_pages() in ("always", "madvise", "never", None)  # not "[madvise]", not the whole line
+
+
+def test_return_freed_memory_takes_the_variables_back_from_child_processes():
+    # glibc's names (mallopt(3), "Environment variables"), written here; 32 MiB is the largest
+    # M_MMAP_THRESHOLD mallopt(3) allows on a 64-bit system, and 1 GiB the trim threshold chosen
+    code = """
+import os, subprocess, sys
+from lora_np.training.heap import keep_freed_memory, return_freed_memory
+show = "import os; print(sorted((k, v) for k, v in os.environ.items() if k.startswith('MALLOC_')))"
+def child():
+    return subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True).stdout.strip()
+keep_freed_memory()
+print(child())
+return_freed_memory()
+print(child())
+"""
+    kept, returned = run(code).splitlines()
+    assert kept == str([("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20)), ("MALLOC_TRIM_THRESHOLD_", str(2**30))])
+    assert returned == "[]"

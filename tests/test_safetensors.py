@@ -395,3 +395,37 @@ def test_reading_a_large_file_does_not_copy_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     grown = int(out.stdout)
     assert grown < 0.1 * size, f"reading a {size:,}-byte file grew the peak RSS by {grown:,} bytes"
+
+
+# ----------------------------------------------------------------------------
+# issue 21: two checks a planted bug got past
+
+
+def test_every_integer_dtype_reads_with_its_sign_and_width(tmp_path):
+    # values at the top and bottom of each range, packed with struct's own format letters
+    cases = {  # dtype: (struct letter, numpy dtype, values)
+        "U8": ("B", np.uint8, [255, 128, 0]), "I8": ("b", np.int8, [-128, 127, -1]),
+        "U16": ("H", np.uint16, [65535, 40000, 1]), "I16": ("h", np.int16, [-32768, 32767, -1]),
+        "U32": ("I", np.uint32, [2**32 - 1, 2**31, 1]), "I32": ("i", np.int32, [-(2**31), 2**31 - 1, -1]),
+        "U64": ("Q", np.uint64, [2**64 - 1, 2**63, 1]), "I64": ("q", np.int64, [-(2**63), 2**63 - 1, -1]),
+    }  # fmt: skip
+    header, data = {}, b""
+    for name, (letter, _, values) in cases.items():
+        packed = struct.pack(f"<3{letter}", *values)
+        header[name] = {"dtype": name, "shape": [3], "data_offsets": [len(data), len(data) + len(packed)]}
+        data += packed
+    arrays, _ = read_safetensors(_write(tmp_path, _bytes(header, data)))
+    for name, (_, dtype, values) in cases.items():
+        assert arrays[name].dtype == dtype, name
+        assert arrays[name].tolist() == values, name
+
+
+def test_the_header_length_is_checked_against_the_bytes_after_the_length_field(tmp_path):
+    # a 10-byte file: the 8-byte length, then 2 bytes. A header of 2 bytes fits; one of 3 does
+    # not, though 3 is less than the file's 10 bytes
+    assert read_safetensors(_write(tmp_path, struct.pack("<Q", 2) + b"{}")) == ({}, {})
+    path = _write(tmp_path, struct.pack("<Q", 3) + b"{}", "bad.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"bad\.safetensors: header length 3 bytes is more than the 2 bytes after"
+    ):
+        read_safetensors(path)

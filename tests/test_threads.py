@@ -97,3 +97,16 @@ def test_the_demo_command_prints_its_choice(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "BLAS threads: 1 (the policy for d_model 64 < 512" in r.stdout
     assert "(1 thread)" in r.stderr  # the progress lines
+
+
+def test_set_blas_threads_exports_the_count_to_child_processes(restore_pool, monkeypatch):
+    # Written out here, not read from THREAD_VARS: OpenBLAS reads OPENBLAS_NUM_THREADS (and
+    # OMP_NUM_THREADS when that is unset), an OpenMP build OMP_NUM_THREADS, MKL MKL_NUM_THREADS
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    for v in names:
+        monkeypatch.setenv(v, "7")  # neither count set below, so a test cannot pass on what was there
+    for n in (2, 1):
+        set_blas_threads(n)
+        child = subprocess.run([sys.executable, "-c", f"import os; print(*(os.environ.get(v) for v in {names}))"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert child.stdout.split() == [str(n)] * len(names), child.stderr

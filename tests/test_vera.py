@@ -18,6 +18,8 @@ from lora_np.gradcheck import assert_grad_close, numerical_vjp
 from lora_np.layers import lora_linear_backward, lora_linear_forward
 from lora_np.vera import VERA_D_INIT, vera_linear_backward, vera_linear_forward, vera_shared_init
 
+from lora_np import LoraConfig, ModelConfig, init_lora
+
 TOL = 1e-7
 dims = st.integers(1, 6)
 seeds = st.integers(0, 2**32 - 1)
@@ -228,3 +230,35 @@ def test_bad_arguments_explain_themselves():
         vera_shared_init(4, 3.0, 2, rng)
     with pytest.raises(TypeError, match="rng must be a np.random.Generator, got int"):
         vera_shared_init(4, 3, 2, 0)
+
+
+# ----------------------------------------------------------------------------
+# the model's VeRA adapters at init (issue 21): checked against PEFT's values, not lora_np's constants
+
+
+def test_lambda_d_starts_at_peft_d_initial_and_lambda_b_at_zero():
+    # PEFT's VeraConfig: `d_initial: float = field(default=0.1, ...)` (src/peft/tuners/vera/config.py),
+    # "Small values (<=0.1) are recommended"; written here, not read from VERA_D_INIT
+    cfg = ModelConfig(vocab_size=11, context_length=8, d_model=8, n_heads=2, n_layers=2, d_mlp=12)
+    lora = LoraConfig(r=3, targets=("W_q", "W_1"), method="vera")
+    adapters = init_lora(cfg, lora, seed=0)
+    lambda_d = {k: v for k, v in adapters.items() if k.endswith(".lambda_d")}
+    lambda_b = {k: v for k, v in adapters.items() if k.endswith(".lambda_b")}
+    assert len(lambda_d) == len(lambda_b) == cfg.n_layers * len(lora.targets)
+    assert all(np.array_equal(v, np.full(3, 0.1)) for v in lambda_d.values()), lambda_d
+    assert all(v.shape in ((8,), (12,)) and not v.any() for v in lambda_b.values())
+    assert VERA_D_INIT == 0.1
+
+
+def test_two_shapes_get_two_draws_of_one_stream_not_the_same_a():
+    """W_q (D, D) and W_1 (M, D) both need an A of shape (r, D); each shape's pair is drawn from
+    one generator in turn, so the two A's share no entry. (A fresh generator per shape, from
+    the same seed, would give both the same A.)"""
+    D, M, r = 8, 12, 3
+    cfg = ModelConfig(vocab_size=11, context_length=8, d_model=D, n_heads=2, n_layers=2, d_mlp=M)
+    adapters = init_lora(cfg, LoraConfig(r=r, targets=("W_q", "W_1", "W_2"), method="vera"), seed=0)
+    shared = {k: v for k, v in adapters.items() if not k.startswith("blocks.")}
+    A_D = [v for k, v in shared.items() if k.endswith(".A") and v.shape == (r, D)]
+    B_D = [v for k, v in shared.items() if k.endswith(".B") and v.shape == (D, r)]  # W_q's and W_2's
+    assert len(shared) == 6 and len(A_D) == 2 and len(B_D) == 2, {k: v.shape for k, v in shared.items()}
+    assert not np.any(A_D[0] == A_D[1]) and not np.any(B_D[0] == B_D[1])

@@ -36,6 +36,7 @@ Dimension legend: D model width, r lora_np's rank, r' PEFT's rank, L layers.
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +108,97 @@ def export_peft(adapters, lora, cfg, path, base_model="gpt2"):
     return path
 
 
-# What an imported adapter_config.json must say for the adapter to mean what lora_np computes.
+# adapter_config.json, field by field. Each field is checked by its JSON type as well as its
+# value: "false" in quotes is a string, which Python would call true, and true is 1 to Python.
+# The fields, their types and their defaults (used for a field that is absent) are PEFT's
+# LoraConfig (peft/tuners/lora/config.py; PEFT 0.21.2 writes every one of them).
+
+# Fields that must say "plain LoRA" for the adapter to mean W + s·B'·A' on the published
+# weights, which is all lora_np computes: field -> (the values allowed, why).
 # (fan_in_fan_out may say false: PEFT sets it true for a Conv1D such as c_attn whatever it says.)
-MUST_BE = {"peft_type": "LORA", "bias": "none", "use_dora": False,
-           "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+MUST_BE = {
+    "peft_type": (("LORA",), "lora_np imports LoRA adapters only"),
+    "bias": (("none",), "PEFT would also have trained biases, which the adapter file does not hold"),
+    "lora_bias": ((False,), "lora_B would have a bias, which lora_np's LoRA has not"),
+    "use_dora": ((False,), "DoRA rescales each column of the adapted weight, which plain LoRA does not"),
+    "layers_to_transform": ((None,), "lora_np imports an adapter on every layer's c_attn"),
+    "rank_pattern": (({}, None), "lora_np imports one rank r for every layer"),
+    "alpha_pattern": (({}, None), "lora_np imports one lora_alpha for every layer"),
+    "modules_to_save": ((None, []), "PEFT saved whole trained copies of those modules beside the adapter, which "
+                        "lora_np does not load, so the model would not be the one PEFT fine-tuned"),
+    "layer_replication": ((None,), "PEFT would stack copies of layers: another model"),
+    "trainable_token_indices": ((None,), "PEFT would also have trained some rows of the embedding"),
+    "target_parameters": ((None, []), "lora_np imports adapters of the module c_attn only"),
+    "alora_invocation_tokens": ((None,), "Activated LoRA applies the adapter only after some tokens"),
+    "use_qalora": ((False,), "QA-LoRA pools the adapter's input"),
+    **{variant: ((None,), "a LoRA variant with a forward pass of its own")
+       for variant in ("velora_config", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config")},
+}  # fmt: skip
+
+# init_lora_weights values whose saved adapter still means W + s·B'·A' on the published weights:
+# they choose the starting A and B alone. PiSSA ("pissa", "pissa_niter_K"), OLoRA, CorDA, LoftQ
+# and LoRA-GA also change the base weights when the adapter is made (the saved A and B apply to
+# weights lora_np does not have), and MiCA is a LoRA variant.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
+def _json(value):
+    """A value as it reads in the JSON file, with its JSON type: '"false" (a string)'."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}  # fmt: skip
+    return f"{json.dumps(value)} ({kind[type(value)]})"
+
+
+def _one_of(value, allowed):
+    """value is one of allowed, type and all (False is not 0, and 1 is not true)."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _read_config(file):
+    """adapter_config.json, checked field by field: (r, lora_alpha, use_rslora, lora_dropout).
+    Raises CheckpointError naming the file, the field, what it holds and what is allowed."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object")
+
+    def refuse(field, allowed, why=""):
+        raise CheckpointError(f"{file}: {field} = {_json(config[field])}; allowed: {allowed}" + (why and f"; {why}"))
+
+    for field, (allowed, why) in MUST_BE.items():
+        if field in config and not _one_of(config[field], allowed):
+            refuse(field, " or ".join(json.dumps(a) for a in allowed), why)
+    if config.get("target_modules", None) not in (["c_attn"], "c_attn"):
+        raise CheckpointError(f"{file}: target_modules = {_json(config.get('target_modules'))}; allowed: "
+                              f'["c_attn"] (lora_np imports adapters of c_attn only)')  # fmt: skip
+    init = config.get("init_lora_weights", True)
+    if not _one_of(init, PLAIN_INITS):
+        plain = ", ".join(json.dumps(a) for a in PLAIN_INITS) + " (they choose the starting A and B alone)"
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
+            refuse("init_lora_weights", plain, "this one also changed the base weights when the adapter was made, so "
+                   "its A and B apply to weights lora_np does not have; PEFT saves it as plain LoRA with "
+                   "save_pretrained(..., path_initial_model_for_weight_conversion=...)")  # fmt: skip
+        refuse("init_lora_weights", plain, "MiCA is a LoRA variant" if init == "mica" else "")
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise CheckpointError(f"{file}: has no field {field}; PEFT always writes it, a JSON number")
+    r, alpha = config["r"], config["lora_alpha"]
+    if not (type(r) is int and r >= 1):
+        refuse("r", "a JSON integer >= 1", "the rank r' of lora_A (r', in) and lora_B (out, r')")
+    if not (type(alpha) in (int, float) and 0 < alpha <= sys.float_info.max):  # not NaN, inf or an int past float
+        refuse("lora_alpha", "a finite JSON number > 0", "PEFT's scaling is lora_alpha / r")
+    rslora = config.get("use_rslora", False)
+    if type(rslora) is not bool:
+        refuse("use_rslora", "true or false (JSON booleans)", "the scaling is lora_alpha / √r with true, "
+               "lora_alpha / r with false")  # fmt: skip
+    dropout = config.get("lora_dropout", 0.0)
+    if not (type(dropout) in (int, float) and 0 <= dropout < 1):
+        refuse("lora_dropout", "a JSON number in [0, 1)")
+    if "fan_in_fan_out" in config and type(config["fan_in_fan_out"]) is not bool:
+        refuse("fan_in_fan_out", "true or false (JSON booleans)")
+    return r, float(alpha), rslora, float(dropout)
 
 
 def import_peft(path, cfg):
@@ -124,25 +212,15 @@ def import_peft(path, cfg):
     - adapters: dict name -> array (as stored, float32 for a float32 model), on W_q, W_k, W_v
       but those whose block of B' is zero in every layer
     - lora: LoraConfig(r=r', alpha=α', targets=those, rslora=use_rslora)
+
+    Raises CheckpointError (a ValueError) naming the file and the field or tensor, what it holds
+    and what is allowed, before any array is used: a field of the wrong JSON type ("use_rslora":
+    "false", "lora_alpha": true, "r": true), a PEFT feature lora_np does not compute (MUST_BE,
+    PLAIN_INITS), a tensor missing, of another shape, not floating point, or holding NaN or inf.
     """
     path = Path(path)
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'adapter_config.json'}: cannot be read as JSON ({e})") from None
     file = path / "adapter_config.json"
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: must hold a JSON object")
-    for field, value in MUST_BE.items():
-        if config.get(field, value) != value:
-            raise CheckpointError(f"{file}: {field} = {config.get(field)!r}; lora_np imports plain LoRA on GPT-2's "
-                                  f"Conv1D modules, which needs {value!r}")  # fmt: skip
-    targets = config.get("target_modules")
-    if targets not in (["c_attn"], "c_attn"):
-        raise CheckpointError(f"{file}: target_modules = {targets!r}; lora_np imports adapters of c_attn only")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and alpha > 0):
-        raise CheckpointError(f"{file}: r must be an int >= 1 and lora_alpha a number > 0, got {r!r}, {alpha!r}")
+    r, alpha, rslora, dropout = _read_config(file)
     weights_file = path / "adapter_model.safetensors"
     arrays, _ = read_safetensors(weights_file)
     D = cfg.d_model
@@ -153,16 +231,27 @@ def import_peft(path, cfg):
         raise CheckpointError(f"{weights_file}: does not fit r = {r} on {cfg.n_layers} layers: missing {missing[:2]}, "
                               f"unexpected {extra[:2]}")  # fmt: skip
     for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise CheckpointError(f"{weights_file}: {name} has shape {arrays[name].shape}, expected {shape}")
+        a = arrays[name]
+        if a.shape != shape:
+            raise CheckpointError(f"{weights_file}: {name} has shape {a.shape}, expected {shape}")
+        # F16 and BF16 come back widened to float32; an integer or boolean tensor is refused, not
+        # converted: integer LoRA weights would need a quantization scale that the file does not hold
+        if a.dtype.kind != "f":
+            raise CheckpointError(f"{weights_file}: {name} is stored as {a.dtype}; allowed: floating point "
+                                  "(F16, BF16, F32 or F64)")  # fmt: skip
+        bad = np.flatnonzero(~np.isfinite(a))
+        if bad.size:
+            where = np.unravel_index(bad[0], shape)
+            raise CheckpointError(f"{weights_file}: {name} has {bad.size} of its {a.size} values NaN or inf, the "
+                                  f"first {a[where]} at {tuple(map(int, where))}; allowed: finite values")  # fmt: skip
+
     def block(l, i):  # (D, r'): the rows of B' that write c_attn's i-th output, q, k or v
         return arrays[KEY.format(l=l, f="B")][i * D : (i + 1) * D]
 
     used = [t for i, t in enumerate(QKV) if any(np.any(block(l, i)) for l in range(cfg.n_layers))]
     try:
-        lora = LoraConfig(r=r, alpha=float(alpha), targets=tuple(used or QKV),  # all zero (untrained): all three
-                          rslora=bool(config.get("use_rslora", False)),
-                          dropout=float(config.get("lora_dropout", 0.0) or 0.0))  # fmt: skip
+        lora = LoraConfig(r=r, alpha=alpha, targets=tuple(used or QKV),  # all zero (untrained): all three
+                          rslora=rslora, dropout=dropout)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
     adapters = {}
