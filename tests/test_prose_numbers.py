@@ -64,7 +64,8 @@ def test_09_the_study_as_the_file_records_it(fullrank):
     says(prose, f"{cfg['steps']} steps of AdamW, batch {cfg['batch_size']}, no weight decay")
     says(prose, "$r \\in \\{" + ", ".join(str(x) for x in cfg["ranks"]) + "\\}$")
     assert cfg["lrs"] == [3e-3, 1e-2, 3e-2] and cfg["full_lrs"] == [3e-4, 1e-3, 3e-3]
-    says(prose, "($3\\cdot10^{-3}, 10^{-2}, 3\\cdot10^{-2}$ for LoRA, $3\\cdot10^{-4}, 10^{-3}, 3\\cdot10^{-3}$ for full")
+    says(prose, "($3\\cdot10^{-3}, 10^{-2}, 3\\cdot10^{-2}$ for LoRA, "
+                "$3\\cdot10^{-4}, 10^{-3}, 3\\cdot10^{-3}$ for full")
     assert cfg["paper_lr"] == 1e-2
     says(prose, f"rsLoRA with $\\alpha = {cfg['alpha']:g}$")
     says(prose, f"the demo's $\\alpha = {cfg['paper_alpha']:g}$ and fixed learning rate $10^{{-2}}$")
@@ -120,7 +121,8 @@ def test_09_summary(fullrank):
     prose = markdown("09_full_rank_and_serving")
     gaps = [(base - v) / (base - full) for v in best.values()]
     losses = ", ".join(f"{best[k]:.4f}" for k in sorted(best))
-    says(prose, f"(test loss; base {base:.3f}) | {losses}: {min(gaps):.1%} to {max(gaps):.1%} of full fine-tuning's gain")
+    says(prose, f"(test loss; base {base:.3f}) | {losses}: {min(gaps):.1%} to {max(gaps):.1%} "
+                "of full fine-tuning's gain")
     says(prose, f"full fine-tuning of the span / of everything | {span:.4f} / {full:.4f}")
 
 
@@ -167,7 +169,8 @@ def test_07_the_runs_as_the_file_records_them():
     says(prose, f"all of them on the demo task over {WORDS[len(cfg['seeds'])]} seeds")
     assert (demo["lr"], demo["full_lr"]) == (1e-2, 1e-3)
     says(prose, f"Every adapter method uses the demo's learning rate $10^{{-2}}$, rank {cfg['rank']} on "
-                f"${', '.join(cfg['targets'])}$ and $\\alpha = {cfg['alpha']:g}$; full fine-tuning $10^{{-3}}$")  # fmt: skip
+                f"${', '.join(cfg['targets'])}$ and $\\alpha = {cfg['alpha']:g}$; "
+                "full fine-tuning $10^{-3}$")  # fmt: skip
     vera_r = next(m["r"] for name, m in cfg["methods"].items() if m and m.get("method") == "vera")
     says(prose, f"In the results file VeRA runs at $r = {vera_r}$")
     says(prose, f"Here, at $r = {vera_r}$ with far fewer trainable numbers than LoRA")
@@ -264,7 +267,7 @@ def test_readme_gpt2_paragraph_names_the_machine_the_file_records():
     assert stated and stated <= held, f"GFLOP/s figures {sorted(stated - held)} are in no committed file"
 
 
-def test_the_gpt2_bench_records_the_machine(tmp_path):
+def test_the_gpt2_bench_records_the_machine():
     """Runs from now on carry the CPU, so the README can print it from the file."""
     from lora_np.bench.gpt2 import run, table
 
