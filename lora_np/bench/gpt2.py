@@ -5,6 +5,8 @@ positions, the head tied) are written in the published layout (lora_np.gpt2.save
 loaded back through the same path a user's download takes. Then, float32, B = 4, T = 256
 (`--quick`: tiny shapes, for the tests):
 
+- the machine: CPU model, core count, NumPy and BLAS (studies.measure.machine), so a figure
+  quoted from the file can name the CPU it was measured on;
 - loading: wall time and resident memory in a fresh process, against the file's size;
 - a LoRA step (r = 8 on W_q, W_v) and a full fine-tuning step (loss_and_grads + AdamW.step):
   median time, flops of the matrix products (bench.step_flops) as a share of this machine's
@@ -30,7 +32,7 @@ from ..core.params import Params, cast, param_shapes
 from ..io.bpe import GPT2Tokenizer, bytes_to_unicode
 from ..io.gpt2 import load_gpt2, save_gpt2
 from ..studies.cli import Parser, check_out_file, fail
-from ..studies.measure import round_robin
+from ..studies.measure import machine, round_robin
 from ..training.checkpoint import write_atomic
 from ..training.optim import AdamW
 from ..training.threads import add_threads_flag, apply_threads
@@ -85,7 +87,8 @@ def run(reps=3, quick=False, log=print):
     cfg, batch, T = (QUICK, 2, 32) if quick else (GPT2_124M, 4, 256)
     result = {"config": dataclasses.asdict(cfg), "batch": batch, "T": T, "quick": quick, "reps": reps,
               "lora": {**vars(LORA), "targets": list(LORA.targets)},
-              "threads": {v: os.environ.get(v, "unset") for v in THREAD_VARS}}  # fmt: skip
+              "threads": {v: os.environ.get(v, "unset") for v in THREAD_VARS},
+              "machine": machine()}  # fmt: skip
     params = random_gpt2(cfg)
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -145,7 +148,8 @@ def run(reps=3, quick=False, log=print):
 def table(r):
     shapes = "tiny test shapes (--quick)" if r["quick"] else "GPT-2 124M shapes"
     lines = [f"{shapes}, float32, B = {r['batch']}, T = {r['T']}; matmul {r['matmul_square_gflops']:.0f} "
-             f"GFLOP/s, threads {r['threads']['OPENBLAS_NUM_THREADS']}",  # fmt: skip
+             f"GFLOP/s, threads {r['threads']['OPENBLAS_NUM_THREADS']}"
+             + (f"; {r['machine']['cpu']}, {r['machine']['nproc']} cores" if "machine" in r else ""),  # fmt: skip
              f"load: {r['load']['seconds']:.3f} s to map, {r['load']['read_every_weight_seconds']:.2f} s to read every "
              f"weight once; resident {r['load']['rss_growth_over_file']:.2f}x the "
              f"{r['load']['file_bytes'] / 1e6:.0f} MB "

@@ -11,12 +11,14 @@ them). A file is three parts, as its README ("Format") and reference implementat
     the rest    the data buffer: each tensor's raw bytes, little-endian, C (row-major) order,
                 at [begin, end) counted from the buffer's first byte (byte 8 + N of the file)
 
-(The README's example calls the field "offsets"; every real file, and tensor.rs, say
-"data_offsets".) The reference reader refuses a header over 100_000_000 bytes
-(MAX_HEADER_SIZE in tensor.rs), duplicate keys (README), and a buffer that the tensors do not
-cover exactly, with no holes and no overlaps (Metadata::validate). Writers pad the header with
-spaces to a multiple of 8 so the buffer starts 8-byte aligned. 0-d tensors (shape []) and
-zero-size ones (a 0 in the shape) are allowed.
+The README's Format section names the field "data_offsets" (since PR #282, June 2023, which
+replaced the older example's "offsets"), calls N "an unsigned little-endian 64-bit integer", and
+lets the header be padded at its end with spaces (0x20), a rule PR #306 wrote down in August 2023.
+The reference reader refuses a header over 100_000_000 bytes (MAX_HEADER_SIZE in tensor.rs),
+duplicate keys (README), and a buffer that the tensors do not cover exactly, with no holes and no
+overlaps (Metadata::validate). Writers use that padding to make the header's length a multiple of
+8, so the buffer starts 8-byte aligned. 0-d tensors (shape []) and zero-size ones (a 0 in the
+shape) are allowed.
 
 Why NumPy and nothing else: the format is a length, a JSON header and raw bytes. Python's json
 parses the header and np.frombuffer over a read-only mmap turns a byte range into an array;

@@ -30,19 +30,23 @@ nb = ceil(N / Bk) blocks, Bk2 the second-level block size (256), nb2 = ceil(nb /
    their mean (they are all positive; centred, a symmetric 8-bit type fits them), costs
    8/64 + 32/(64·256) = 0.127 bits (the paper's numbers, checked by nf4_bits_per_parameter).
 
-Where the offset comes from. Eq. (4) reads q_i = ½(Q_X(i/(2^k+1)) + Q_X((i+1)/(2^k+1))), whose
-end terms are Q_X(0) = -∞ and Q_X(1) = +∞: the formula cannot be evaluated as written. The
-reference implementation, bitsandbytes' create_normal_map (bitsandbytes/functional.py), instead
-takes Q_X at evenly spaced probabilities from 0.5 up to an `offset` < 1 (9 points for the positive
-half, 8 for the negative, the point at 0.5 being the zero) and normalizes by the largest. Its
-default offset, 0.9677083, is not explained in the source (bitsandbytes issues #440, #938 and #968
-ask). It equals, to the 7 digits written there, the mean of 1 - 1/(2·15) and 1 - 1/(2·16): the
-outermost level sits at the centre of the last of n equal-probability bins, 1 - 1/(2n) (the
-convention of bitsandbytes' own estimate_quantiles, whose default offset is 1/(2·num_quantiles)),
-averaged over n = 15 (the nonzero values) and n = 16 (all values). That reading is ours, not the
-authors'. We derive it and round it to those 7 digits, because the published values were computed
-with the rounded number: with it our float64 codebook matches NF4_PUBLISHED to 1.1e-7 (the rest is
-bitsandbytes computing the probabilities in float32), with the unrounded 0.96770833... to 1.9e-7.
+Where the offset comes from. Eq. (4) reads q_i = ½(Q_X(i/(2^k+1)) + Q_X((i+1)/(2^k+1))) for
+i = 0 ... 2^k - 1: with k = 4 the probabilities run from 0/17 to 16/17. The bottom one gives
+Q_X(0) = -∞, so q_0 = -∞ (the point of artidoro/qlora issue #94); the top one, Q_X(16/17) ≈ 1.565,
+is finite. So the formula cannot give all 16 values as written. The reference implementation,
+bitsandbytes' create_normal_map (bitsandbytes/functional.py), instead takes Q_X at evenly spaced
+probabilities from 0.5 up to an `offset` < 1 (9 points for the positive half, 8 for the negative,
+the point at 0.5 being the zero) and normalizes by the largest. Its default offset is 0.9677083.
+For years the source gave no reason for it (bitsandbytes issues #440, #938 and #968 asked); its
+docstring now says the default "was empirically optimized to minimize quantization error", and
+gives no derivation. The number equals, to the 7 digits written there, the mean of 1 - 1/(2·15)
+and 1 - 1/(2·16): the outermost level at the centre of the last of n equal-probability bins,
+1 - 1/(2n), averaged over n = 15 (the nonzero values) and n = 16 (all values). (bitsandbytes'
+estimate_quantiles, removed in bitsandbytes PR #1669 in 2025, used that centre-of-bin convention:
+its default offset was 1/(2·num_quantiles).) That reading is ours, not the authors'. We derive it
+and round it to those 7 digits, because the published values were computed with the rounded
+number: with it our float64 codebook matches NF4_PUBLISHED to 1.1e-7 (the rest is bitsandbytes
+computing the probabilities in float32), with the unrounded 0.96770833... to 1.9e-7.
 
 Rounding to the nearest value: ties (a number exactly halfway between two codebook values) go to
 the LOWER of the two, as bitsandbytes' CUDA kernel dQuantizeNF4 does (it tests x > midpoint).
@@ -53,12 +57,14 @@ kernels pack them. Bk is even, so a byte never straddles two blocks.
 The second-level (Double Quantization) type. The paper and bitsandbytes quantize the centred
 absmax values with bitsandbytes' 8-bit dynamic (tree) float map, blockwise with 256 per block.
 We use a simpler 8-bit type instead: the paper's own eq. (1), symmetric Int8 absmax quantization,
-q = round(127 · (c2 - mean) / c1) with c1 = max |c2 - mean| over the 256-block, as torchao's
-NF4Tensor does too. Why: it is one line the reader already knows from eq. (1), the centred scales
-are confined to a narrow range where a uniform grid is adequate, and the storage is the same 8
-bits. Its cost, measured in tests/test_nf4.py on a (768, 768) N(0, 0.02²) matrix: the relative
-Frobenius error goes from 0.09193 (NF4) to 0.09194 (NF4 + DQ), +0.01%; each scale is off by at
-most half an Int8 step, c1 / 254. (For comparison, 16 evenly spaced levels in [-1, 1] on the same
+q = round(127 · (c2 - mean) / c1) with c1 = max |c2 - mean| over the 256-block. torchao's
+NF4Tensor.double_quantize_scalers is close but not the same: it scales by 256 / (2·c1) = 128 / c1
+and clamps to [-128, 127] (a centred scale of +c1 would be 128, and is clamped to 127). Why ours:
+it is one line the reader already knows from eq. (1), the centred scales are confined to a
+narrow range where a uniform grid is adequate, and the storage is the same 8 bits. Its cost,
+measured in tests/test_nf4.py on a (768, 768) N(0, 0.02²) matrix: the relative Frobenius error
+goes from 0.09193 (NF4) to 0.09194 (NF4 + DQ), +0.01%; each scale is off by at most half an Int8
+step, c1 / 254. (For comparison, 16 evenly spaced levels in [-1, 1] on the same
 blocks give 0.1007: NF4's levels, dense near 0, suit normal weights better, the paper's argument.)
 
 References
@@ -69,7 +75,10 @@ References
   get_4bit_type("nf4") (the published values), quantize_4bit (mean subtracted before the second
   quantization, blocksize 256); csrc/kernels.cu: dQuantizeNF4 (midpoint thresholds, ties to the
   lower value) and the nibble order.
-- torchao, NF4Tensor.double_quantize_scalers: Int8 absmax for the second level.
+- bitsandbytes issues #440, #938, #968 (the offset asked about); PR #1669 (2025, removed
+  estimate_quantiles). artidoro/qlora issue #94 (q_0 = -∞ in eq. 4).
+- torchao, torchao/dtypes/nf4tensor.py, NF4Tensor.double_quantize_scalers: Int8 for the second
+  level, scaled by 256 / (2·absmax) and clamped to [-128, 127].
 """
 
 import math

@@ -19,7 +19,8 @@ to batch that path, both here (`strategy`):
   (n_k·T, d_in) @ (d_in, r) then (n_k·T, r) @ (r, d_out). K pairs of products, no copy of any
   adapter. This is what PEFT's mixed-batch inference does (`adapter_names=` in its forward).
 - "gather": copy each row's own A and B out of a stacked bank, (B, r, d_in) and (B, d_out, r),
-  and run one batched product for all rows. On a GPU this is one kernel (Punica's BGMV, S-LoRA);
+  and run one batched product for all rows. On a GPU this becomes one kernel launch (the Punica
+  paper's SGMV, segmented gather matrix-vector multiplication; S-LoRA has kernels of its own);
   in NumPy the gather copies B·r·(d_in + d_out) numbers per adapted weight per forward and the
   batched product loops over rows, so it is kept for comparison, not as the default.
 
@@ -40,7 +41,8 @@ n_k rows that use adapter k, r rank (r_max the bank's largest), d_in / d_out a w
 References
 - Hu et al. 2021, "LoRA", arXiv:2106.09685v2, Section 4.2.
 - Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurrent LoRA Adapters", arXiv:2311.03285.
-- Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547 (the BGMV kernel).
+- Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547 (the SGMV kernel, the
+  one the paper describes; the BGMV kernel exists only in Punica's code).
 """
 
 

@@ -25,8 +25,8 @@ Initialization (paper Section 3, "initialization strategies"):
   draws both from U(-bound, bound) with bound = sqrt(3)·sqrt(2)/sqrt(fan_in) = sqrt(6/fan_in), where
   fan_in is the number of columns: d_in for A (r, d_in) and r for B (d_out, r). Each entry of A·x
   then has variance 2·Var(x) and each entry of B·A·x 4·Var(x), whatever r is: the paper's reason
-  for Kaiming, a variance of the product that is the same for all ranks. (The paper's ablations
-  compare Kaiming uniform, Kaiming normal and U[0, 0.1] for A and B; PEFT uses Kaiming uniform.)
+  for Kaiming, a variance of the product that is the same for all ranks. (The paper's ablation
+  study, its Table 6, also tries other initializations of A and B; PEFT uses Kaiming uniform.)
 - lambda_b = 0, like LoRA's B = 0: the start is exactly the base model.
 - lambda_d = one non-zero constant in every entry. PEFT's VeraConfig.d_initial defaults to 0.1:
   "Small values (<=0.1) are recommended (see Table 6c in the paper)". VERA_D_INIT below.
@@ -44,8 +44,10 @@ input / output width, r the rank of the shared pair.
 References
 - Kopiczko, Blankevoort, Asano 2024, "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024,
   arXiv:2310.11454: Section 3 (the method's equation, the parameter count, the initialization
-  strategies) and the ablation of the initializations (Table 6, as PEFT cites it).
-- HuggingFace PEFT, src/peft/tuners/vera/: config.py (d_initial = 0.1), model.py (`_kaiming_init`),
+  strategies); Table 6, the ablation study, whose part (c), the initial value of d, is the one
+  PEFT's VeraConfig cites for d_initial.
+- HuggingFace PEFT, src/peft/tuners/vera/: config.py (d_initial = 0.1; r = 256 by default, "higher
+  values than LoRA ranks", pointing to the paper's Table 1), model.py (`_kaiming_init`),
   layer.py (lambda_b = 0, lambda_d = d_initial; forward lambda_b * B(lambda_d * A(dropout(x)))).
 - He et al. 2015 (Kaiming initialization). Hu et al. 2021 (LoRA), for the conventions of layers.py.
 """

@@ -46,8 +46,10 @@ FORMAT_VERSION = 1
 
 # label -> the LoraConfig fields that make the method (None: full fine-tuning). Rank 4 on W_q, W_v
 # as the demo, except VeRA, whose vectors are r + d_out numbers a weight: at the demo's r = 4 it
-# would train 68 numbers a matrix, so it gets the largest rank the 64-wide model allows (the
-# VeRA paper also uses far larger ranks than LoRA, Section 4).
+# would train 68 numbers a matrix, so it gets r = 64, the largest rank lora_np's check_rank accepts
+# on the 64-wide model. That cap is lora_np's, not VeRA's: VeRA's r is the length of lambda_d and may
+# exceed min(d_out, d_in) (methods/vera.py), and PEFT's VeraConfig defaults to r = 256, advising
+# "higher values than LoRA ranks" (it points to the paper's Table 1).
 METHODS = {
     "full fine-tuning": None,
     "LoRA": {},
