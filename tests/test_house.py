@@ -150,7 +150,8 @@ def test_private_names_stay_private():
 
 
 def test_no_module_is_over_the_limit():
-    long = {str(p.relative_to(PACKAGE)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in MODULES.values()}
+    long = {name: n for name, n in sizes.items() if n > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
@@ -206,3 +207,17 @@ def test_the_checks_of_this_file_can_fail(tmp_path, monkeypatch):
         with pytest.raises(pytest.fail.Exception if check is test_no_import_cycle else AssertionError,
                            match=message):  # fmt: skip
             check()
+
+
+def test_the_readme_states_the_reading_path_as_it_is():
+    """The README's reading order lists core/'s modules, in the package docstring's order, and its size."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    lines = sum(len(p.read_text().splitlines()) for p in (PACKAGE / "core").glob("*.py"))
+    assert f"About {round(lines, -2):,} lines, an afternoon" in readme, lines
+    order = ["config", "params", "layers", "model", "lora", "gradcheck"]
+    assert {p.stem for p in (PACKAGE / "core").glob("*.py")} - {"__init__"} == set(order)
+    rows = [readme.index(f"| {i} | `core/{name}.py` |") for i, name in enumerate(order, 1)]
+    assert rows == sorted(rows)
+    docstring = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text()))
+    places = [docstring.index(f"{i}. core/{name}.py") for i, name in enumerate(order, 1)]
+    assert places == sorted(places)

@@ -20,7 +20,7 @@ lora_np's code, float32, and sets each measurement beside the number that predic
   cross-entropy and AdamW.step, each call timed (the softmax inside attention and the residual
   additions are not counted, so the share is a lower bound);
 - the step at 1 and at 2 BLAS threads, and again while another process keeps one core busy
-  (lora_np.threads chooses each command's thread count from these).
+  (lora_np.training.threads chooses each command's thread count from these).
 
 Dimension legend: B batch, T time (= context_length), N = B·T positions, D model width, M MLP
 width, V vocabulary, r LoRA rank, L layers.
@@ -86,7 +86,7 @@ DEFAULT_OUT = "runs/bench/bench.json"
 
 
 # ----------------------------------------------------------------------------
-# measuring (the arithmetic it is set beside, step_flops and adamw_cost, is in lora_np.flops)
+# measuring (the arithmetic it is set beside, step_flops and adamw_cost, is in lora_np.bench.flops)
 
 
 def matmul_gflops(n, k, m, reps, transposed=False):
@@ -193,7 +193,7 @@ def thread_table(fns, reps, busy=False):
 
 def heap_table(fn, reps):
     """fn() with freed memory handed back to the system (glibc's starting thresholds, held) and kept
-    for reuse (lora_np.heap): {"returned": {"median_s", "faults"}, "kept": ...}, faults being the median page
+    for reuse (lora_np.training.heap): {"returned": {"median_s", "faults"}, "kept": ...}, faults being the median page
     faults per call; None where there is no glibc to set. Leaves the memory kept, as every command.
 
     Each round runs both settings, each after one untimed call that lets the heap settle into it."""
@@ -381,10 +381,10 @@ def run(sizes, reps, out=None, quick=False, log=print):
         # the busy-core rows at the first (smallest) size only: the demo's, where the collapse was seen
         results.append(bench_size(name, cfg, batch, reps, meta["matmul_square_gflops"], busy=i == 0))
     # Serving, beside the training steps: one mixed batch with a different adapter per row, unmerged,
-    # against one merged model per task (the paper's Section 4.2 limitation; lora_np.serving)
+    # against one merged model per task (the paper's Section 4.2 limitation; lora_np.methods.serving)
     result_serving = bench_serving(("demo", "d128"), reps, quick=quick, log=log)
     # Inference latency per token, the paper's Table 1: base, merged and unmerged LoRA, and the adapter
-    # baselines (sequential layers that cannot be merged; lora_np.bench_latency)
+    # baselines (sequential layers that cannot be merged; lora_np.studies.latency)
 
     result_latency = measure_latency(quick=quick, log=log)
     meta["load_after"] = list(os.getloadavg())
@@ -437,9 +437,9 @@ def main(argv=None):
     set_blas_threads(a.threads)
     result = run(sizes, reps, a.out, quick=a.quick)
     print(table(result))
-    print("\nmulti-adapter serving (lora_np.serving):\n" + serving_table(result["serving"]))
-    print("\ninference latency per token (lora_np.bench_latency):\n" + latency_table(result["latency"]))
-    print(f"\nwrote {a.out}")  # `python -m lora_np bench` then draws it (lora_np.figures_bench)
+    print("\nmulti-adapter serving (lora_np.methods.serving):\n" + serving_table(result["serving"]))
+    print("\ninference latency per token (lora_np.studies.latency):\n" + latency_table(result["latency"]))
+    print(f"\nwrote {a.out}")  # `python -m lora_np bench` then draws it (lora_np.figures.bench)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The arithmetic behind the benchmark: floating-point operations of a training step's matrix
-products, counted from the shapes, and AdamW's memory traffic (lora_np.bench measures the time
+products, counted from the shapes, and AdamW's memory traffic (lora_np.bench.cost measures the time
 and sets it beside these).
 
 Dimension legend: B batch, T time (= context_length), N = B·T positions, D model width, M MLP

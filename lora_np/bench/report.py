@@ -137,7 +137,7 @@ def table(result):
         "step in GELU, LayerNorm, embeddings, cross-entropy and AdamW; peak: tracemalloc; nT: n BLAS threads; "
         "one_core_busy: another process spinning on one core; "
         "faults: page faults per step with freed memory returned to the system (glibc's starting thresholds) or kept "
-        "(lora_np.heap).",
+        "(lora_np.training.heap).",
         "",
         "targets:",
     ]
@@ -169,7 +169,7 @@ def readme_table(result):
             f"| {f['merged_qv']['vs_base']:.2f} | {f['lora_qv']['vs_base']:.2f} |"
         )
     if all(s["heap"] for s in result["sizes"]):  # measured where glibc's malloc can be set
-        lines += ["", "| D | full step, freed memory returned | kept (lora_np.heap) | kept / returned "
+        lines += ["", "| D | full step, freed memory returned | kept (lora_np.training.heap) | kept / returned "
                   "| page faults per step, returned | kept |", "|---|---|---|---|---|---|"]  # fmt: skip
         for s in result["sizes"]:
             ret, kept = s["heap"]["returned"], s["heap"]["kept"]

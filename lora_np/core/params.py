@@ -84,7 +84,8 @@ def adapters_fingerprint(adapters, lora):
     return h.hexdigest()
 
 
-QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")  # the blocks' linear weights: the ones a base may store quantized
+# the blocks' linear weights: the ones a base may store in another format (quantized)
+QUANTIZABLE = ("W_q", "W_k", "W_v", "W_o", "W_1", "W_2")
 
 
 def param_shapes(cfg):

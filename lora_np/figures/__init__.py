@@ -5,8 +5,8 @@ with the library (nothing is re-implemented here) and returns the matplotlib fig
 numbers it drew, so a notebook can show it inline and a test can check it. FIGURES maps
 each PNG file name to its draw function; `make_all` writes them.
 
-The figures live by subject in figures_training.py, figures_section7.py and figures_bench.py,
-which share lora_np.plotting (style, writer, registry). matplotlib is imported only by these
+The figures live by subject in figures/training.py, figures/section7.py and figures/bench.py,
+which share lora_np.figures.plotting (style, writer, registry). matplotlib is imported only by these
 and by diagrams.py: the math never needs it.
 """
 

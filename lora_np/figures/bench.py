@@ -1,4 +1,4 @@
-"""The benchmark's figure, drawn from a benchmark JSON (lora_np.bench measures; this only draws)."""
+"""The benchmark's figure, drawn from a benchmark JSON (lora_np.bench.cost measures; this only draws)."""
 
 import json
 from pathlib import Path
@@ -11,7 +11,7 @@ from ..studies.measure import QUICK_SIZES
 from .plotting import FIGURES, STYLE, human_bytes, save
 
 # ==================================================================================================
-# bench.png: LoRA's cost model measured (lora_np.bench). Reads a benchmark JSON: by default the one
+# bench.png: LoRA's cost model measured (lora_np.bench.cost). Reads a benchmark JSON: by default the one
 # committed at figures/bench.json (measured by `python -m lora_np bench --out figures/bench.json`);
 # if there is none (an installed package, not a clone), it runs the --quick benchmark (tiny sizes,
 # a few seconds) and says so in the title. `python -m lora_np bench` also draws its own run with

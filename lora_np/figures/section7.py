@@ -13,7 +13,7 @@ from .plotting import FIGURES
 # subspace_similarity.png, rank_sweep.png and weight_similarity.png: Section 7 of the paper on the
 # tiny GPT (Tables 5-7, Figures 3, 4 and 8). All draw from notebooks/section7_results.json, written by
 # `python -m lora_np experiments` and checked against the code's configuration by
-# lora_np.experiments.load_results, so drawing is instant. notebooks/05_what_lora_learns.ipynb shows
+# lora_np.studies.experiments.load_results, so drawing is instant. notebooks/05_what_lora_learns.ipynb shows
 # and explains them. Every panel pools the replicates: 3 bases x 3 fine-tuning seeds by default,
 # drawn as their mean, and, in the line plots, as the band from their minimum to their maximum.
 # ==================================================================================================
@@ -25,7 +25,7 @@ def _section7_results(results):
     if results is None or isinstance(results, (str, Path)):
         return load_results(DEFAULT_RESULTS if results is None else results)
     if not (isinstance(results, dict) and all(k in results for k in EXPECTED_KEYS)):
-        raise TypeError(f"results must be the dict lora_np.experiments.load_results returns, got {results!r:.80}")
+        raise TypeError(f"results must be the dict studies.experiments.load_results returns, got {results!r:.80}")
     return results
 
 
@@ -70,7 +70,8 @@ def draw_subspace_similarity(results=None):
     top `corner` directions of the r = 64 adapters, where learned and random maps differ.
 
     Inputs:
-    - results: the dict lora_np.experiments.load_results returns; or the path of a results file; None reads section7_results.json in the current folder
+    - results: the dict lora_np.studies.experiments.load_results returns, or the path of a results
+      file; None reads section7_results.json in the current folder
 
     Returns:
     - fig: matplotlib Figure
@@ -162,7 +163,8 @@ def draw_rank_sweep(results=None):
     tables report accuracy: higher is better there).
 
     Inputs:
-    - results: the dict lora_np.experiments.load_results returns; or the path of a results file; None reads section7_results.json in the current folder
+    - results: the dict lora_np.studies.experiments.load_results returns, or the path of a results
+      file; None reads section7_results.json in the current folder
 
     Returns:
     - fig: matplotlib Figure
@@ -233,7 +235,8 @@ def draw_weight_similarity(results=None):
     curves φ(i, j_max) with their min-max band.
 
     Inputs:
-    - results: the dict lora_np.experiments.load_results returns; or the path of a results file; None reads section7_results.json in the current folder
+    - results: the dict lora_np.studies.experiments.load_results returns, or the path of a results
+      file; None reads section7_results.json in the current folder
 
     Returns:
     - fig: matplotlib Figure

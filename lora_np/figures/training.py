@@ -100,7 +100,7 @@ FIGURES["params_vs_rank.png"] = draw_params_vs_rank
 
 # ==================================================================================================
 # finetune_curves.png: full fine-tuning against LoRA on the Yoda domain, loss step by step.
-# It draws what lora_np.demo.finetune_full_and_lora returns (the demo's own recipe: the loss of every
+# It draws what lora_np.studies.recipe.finetune_full_and_lora returns (the demo's own recipe: the loss of every
 # step, the validation losses); notebooks/04_finetune_and_merge.ipynb explains it.
 # ==================================================================================================
 

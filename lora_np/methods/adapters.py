@@ -41,7 +41,7 @@ Why adapters cost latency and LoRA does not (Section 3): an adapter is a new lay
 every token, computed after the sublayer before it and before the one after it ("adapter layers have
 to be processed sequentially"); it cannot be merged into a weight, as f lies between its two
 projections. Merged LoRA runs the base's exact architecture (W' = W0 + s·B·A, Section 4.1).
-lora_np.bench_latency measures both on lora_np's own forward.
+lora_np.studies.latency measures both on lora_np's own forward.
 
 Dimension legend: N positions (any leading shape, usually B·T), D model width, r bottleneck width.
 

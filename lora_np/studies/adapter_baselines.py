@@ -20,7 +20,7 @@ from ..studies.successors import (
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
 from .recipe import DemoConfig
-from .results import read_checked
+from .results import check_command, read_checked
 
 # ----------------------------------------------------------------------------
 # quality on the demo task, beside LoRA and full fine-tuning (notebook 08 reads the file)
@@ -51,7 +51,7 @@ def _quality_config():
 def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
     """Full fine-tuning, LoRA, AdapterH and AdapterL on the demo task, for each seed of QUALITY_SEEDS.
 
-    The runs of lora_np.successors.compare_methods: the demo's pretrained base (reused from
+    The runs of lora_np.studies.successors.compare_methods: the demo's pretrained base (reused from
     cache_dir), the Yoda-order domain, AdamW, the demo's steps and batches (the same for every method
     at a seed), the demo's learning rate for LoRA and for both adapters alike (tuned for none of
     them). Returns a JSON-ready dict: "config", "base" (val losses {"new", "old"}) and "runs":
@@ -69,7 +69,7 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
 
 def load_results(path=DEFAULT_RESULTS):
     """The results file, after checking that its quality runs were made with the code's configuration
-    and that it holds a latency measurement (lora_np.bench_latency). ValueError says how to remake it."""
+    and that it holds a latency measurement (lora_np.studies.latency). ValueError says how to remake it."""
 
     results, fix = read_checked(path, json.loads(json.dumps(_quality_config())), FORMAT_VERSION, COMMAND)
     if set(results.get("runs", {})) != set(QUALITY_METHODS) or "latency" not in results:
@@ -89,8 +89,11 @@ def main(argv=None, prog="python -m lora_np adapters"):
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"the pretrained base's cache (default {DEFAULT_CACHE})")
     p.add_argument("--only", choices=("quality", "latency"), default=None,
                    help="redo one part and keep the other from the existing file (default: both)")  # fmt: skip
+    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
     add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if a.check:
+        return check_command(a.out, load_results)
     apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
     try:  # before minutes of training, not after
         out = check_out_file("--out", a.out)

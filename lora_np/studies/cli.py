@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..training.threads import add_threads_flag, apply_threads
+from .results import check_command
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,7 +75,7 @@ def results_command(argv, prog, description, *, default_out, default_cache, chec
     - argv: the arguments after the command's name (None: sys.argv[1:])
     - check: check(path) raises ValueError, saying why, unless the file at path fits the code
     - run: run(cache_dir, out) trains, writes the file `out`, and returns the line to print
-    - d_model: the study's model width, for the thread policy (lora_np.threads)
+    - d_model: the study's model width, for the thread policy (lora_np.training.threads)
 
     Returns the exit status: 0, or 1 when --check finds the file does not fit.
     """
@@ -86,13 +87,7 @@ def results_command(argv, prog, description, *, default_out, default_cache, chec
     add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.check:
-        try:
-            check(a.out)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{a.out} fits the code's configuration")
-        return 0
+        return check_command(a.out, check)
     try:  # before minutes of training, not after
         out = check_out_file("--out", a.out)
         check_out_dir("--cache-dir", a.cache_dir)

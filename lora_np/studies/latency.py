@@ -24,15 +24,15 @@ the cost of an adapter at batch 1 is mostly the fixed cost of each extra NumPy c
 layer: two products, two bias adds, the nonlinearity, the skip), not its flops, which is the
 same shape of cost as a GPU kernel launch: small work made sequential.
 
-Timings are medians of round-robin rounds (lora_np.bench._round_robin: every round runs each
+Timings are medians of round-robin rounds (lora_np.studies.measure.round_robin: every round runs each
 variant once, so a burst of load from another process hits all of them alike); each variant's time
 against the base's is the median of its ratios to the base within a round. model_forward
 also keeps the caches a backward would need; every variant pays that alike. Run with one BLAS
-thread (lora_np.threads' policy at these widths; both commands set it): notebook 08's numbers come from
+thread (lora_np.training.threads' policy at these widths; both commands set it): notebook 08's numbers come from
 
     python -m lora_np adapters --only latency
 
-and `python -m lora_np.bench_latency [--quick] [--out FILE]` prints the table on its own.
+and `python -m lora_np.studies.latency [--quick] [--out FILE]` prints the table on its own.
 
 Dimension legend: B batch, T sequence length, D model width, r LoRA rank and adapter bottleneck.
 """
@@ -214,8 +214,8 @@ def latency_table(result, clock="cpu"):
 
 
 def main(argv=None):
-    """`python -m lora_np.bench_latency [--quick] [--reps N] [--r R] [--out FILE]`: measure and print."""
-    p = Parser(prog="python -m lora_np.bench_latency",
+    """`python -m lora_np.studies.latency [--quick] [--reps N] [--r R] [--out FILE]`: measure and print."""
+    p = Parser(prog="python -m lora_np.studies.latency",
                description="Per-token inference latency of AdapterH, AdapterL and LoRA (merged, unmerged) against "
                            "the base, on lora_np's float32 forward. Run with OPENBLAS_NUM_THREADS=1.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a tiny model and grid: about a second")

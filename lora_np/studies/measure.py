@@ -1,6 +1,6 @@
 """What every measurement shares: timing in rounds, the machine's description, the model sizes.
 
-The bench (lora_np.bench), Table 1's latency (studies/latency.py) and the serving study
+The bench (lora_np.bench.cost), Table 1's latency (studies/latency.py) and the serving study
 (studies/serving_study.py) all time several functions side by side, round by round, so that a
 drift of the machine's speed during a run falls on all of them alike.
 """

@@ -5,6 +5,7 @@ refuses a file of another version or configuration, saying which command regener
 """
 
 import json
+import sys
 from pathlib import Path
 
 from ..training.checkpoint import write_atomic
@@ -55,3 +56,14 @@ def read_checked(path, config, version, command):
         raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
     return results, fix
 
+
+def check_command(path, load):
+    """What a study's --check does: load(path) checks the results file; one line says whether it fits.
+    Returns the exit status, 0 when it fits, 1 when it does not (the line on stderr says why)."""
+    try:
+        load(path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path} fits the code's configuration")
+    return 0

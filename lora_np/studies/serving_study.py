@@ -22,6 +22,7 @@ from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
 from .cli import Parser, check_out_file, fail
 from .measure import QUICK_SIZES, SIZES, round_robin
+from .results import check_command
 
 # ----------------------------------------------------------------------------
 # cost: unmerged mixed batch against one merged model per task
@@ -59,7 +60,7 @@ def serving_cost(cfg, batch, tasks, reps, lora=SERVING_LORA):
     """Times of serving one mixed batch of `batch` rows of T = context_length tokens, for K in `tasks`.
 
     For each K the rows go round robin to K tasks (row i to task i mod K) and five ways are timed
-    (round-robin medians, lora_np.bench._round_robin; wall and CPU seconds):
+    (round-robin medians, lora_np.studies.measure.round_robin; wall and CPU seconds):
     - "base": the base on the whole batch (multi_lora_forward without a bank): what one merged model
       costs when the batch is one task (the floor);
     - "merged": merged_forward, one merged model per task, each on its own rows (K forwards);
@@ -116,7 +117,7 @@ def bench_serving(sizes=("demo", "d128"), reps=7, quick=False, log=print):
     """Multi-adapter serving, unmerged against merged, for model sizes of lora_np.bench.
 
     Inputs:
-    - sizes: names from lora_np.bench.SIZES (or QUICK_SIZES); quick=True uses QUICK_SIZES' "q32"
+    - sizes: names from lora_np.studies.measure.SIZES (or QUICK_SIZES); quick=True uses QUICK_SIZES' "q32"
       alone, tasks (1, 2), a batch of 4 and one rep: about a second, for tests (structure only)
     - reps: timed rounds after a warm-up round
 
@@ -170,6 +171,27 @@ def serving_table(result):
     return "\n".join(lines)
 
 
+def load_results(path=DEFAULT_OUT):
+    """The results file notebook 09 reads, after checking that it holds a full run of the code's design
+    (SERVING_TASKS in a batch of SERVING_BATCH rows, SERVING_LORA's rank). ValueError says how to remake it."""
+    path = Path(path)
+    fix = "regenerate it with `python -m lora_np serving`"
+    if not path.is_file():
+        raise ValueError(f"no results file at {path}; {fix}")
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    sizes = result.get("sizes") if isinstance(result, dict) else None
+    if not isinstance(sizes, list) or not sizes or result.get("meta", {}).get("quick") is not False:
+        raise ValueError(f"{path} does not hold a full (not --quick) serving run; {fix}")
+    for s in sizes:
+        if ([row.get("tasks") for row in s.get("rows", [])] != list(SERVING_TASKS) or s.get("batch") != SERVING_BATCH
+                or s.get("lora", {}).get("r") != SERVING_LORA.r):  # fmt: skip
+            raise ValueError(f"{path}: size {s.get('name')!r} was measured with another design; {fix}")
+    return result
+
+
 def main(argv=None, prog="python -m lora_np serving"):
     """`python -m lora_np serving [--out FILE] [--reps N] [--quick] [--threads N]`: measure, write the results."""
     p = Parser(prog=prog,
@@ -178,8 +200,11 @@ def main(argv=None, prog="python -m lora_np serving"):
     p.add_argument("--out", default=None, help=f"JSON file (default {DEFAULT_OUT}; with --quick, none)")
     p.add_argument("--reps", type=int, default=7, help="timed rounds after a warm-up (default 7)")
     p.add_argument("--quick", action="store_true", help="a tiny model, one rep: a smoke test, written only to --out")
+    p.add_argument("--check", action="store_true", help="only check that the results file fits the code")
     add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if a.check:
+        return check_command(a.out or DEFAULT_OUT, load_results)
     if a.out is None and not a.quick:  # a smoke test must not overwrite the notebook's results
         a.out = str(DEFAULT_OUT)
     try:

@@ -1,6 +1,6 @@
 """LoRA's successors on the demo task, beside LoRA and full fine-tuning, over several seeds.
 
-The demo's recipe (lora_np.demo: the same pretrained base, the Yoda-order domain, AdamW, the
+The demo's recipe (lora_np.studies.recipe: the same pretrained base, the Yoda-order domain, AdamW, the
 same batches for every method at a given seed) run once per method and seed:
 
     full fine-tuning, LoRA, LoRA+ (λ = 16), PiSSA, DoRA, VeRA, QLoRA (NF4, and NF4 with

@@ -123,7 +123,7 @@ class Progress:
 
     def __init__(self, label, steps, every, stream=None):
         self.label, self.steps, self.every = label, steps, every
-        n = blas_threads()  # tokens/s depends on it (lora_np.threads)
+        n = blas_threads()  # tokens/s depends on it (lora_np.training.threads)
         self.threads = f"{n} thread{'s' if n > 1 else ''}"
         self.stream = sys.stderr if stream is None else stream
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
