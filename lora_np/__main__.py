@@ -59,7 +59,7 @@ def demo_parser(prog):
     p.add_argument("--init", default=d.init, choices=("gaussian", "kaiming", "pissa"),
                    help="A's initialization; pissa: A, B from W0's top-r singular triplets (default gaussian)")
     p.add_argument("--loraplus", type=float, default=d.lr_ratio, metavar="RATIO",
-                   help="LoRA+: train B at RATIO times A's learning rate; the paper recommends 16 (default 1: LoRA)")
+                   help="LoRA+: train B at RATIO times A's learning rate, e.g. 16 as PEFT's example (default 1: LoRA)")
     p.add_argument("--nf4", action="store_true", help="QLoRA: keep the base's linear weights in 4-bit NormalFloat")
     p.add_argument("--double-quant", action="store_true", help="with --nf4: quantize the 4-bit scales too")
     p.add_argument("--lr", type=float, default=d.lr, help=f"LoRA learning rate (default {d.lr})")

@@ -122,7 +122,7 @@ class LoraConfig:
     # only by its own module in lora_np/methods/ (registered in EXTENSIONS above):
     method: str = "lora"  # "dora" (dora.py), "vera" (vera.py); "adapter_h", "adapter_l": not LoRA but the paper's
     #                       adapter baselines, with r the bottleneck width (adapters.py)
-    lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's; the paper recommends 16
+    lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's (variants.py: which λ)
     dora_exact_norm: bool = False  # DoRA: differentiate through ‖W0 + s·B·A‖ instead of treating it as a constant
     base_quant: str = None  # "nf4": the blocks' linear weights stored as 4-bit NormalFloat (QLoRA's base, nf4.py)
     double_quant: bool = False  # with nf4: quantize the per-block scales too (QLoRA's double quantization)

@@ -22,7 +22,8 @@ as the identity (W_up = 0), and merge refuses them: they are layers, not a ΔW.
 
 LoRA+'s argument in two lines: at large width, with one learning rate for A and B, either B's
 update is too small to learn features or A's is so large it is unstable; with η_B = λ·η_A
-(λ ≫ 1, the paper recommends 2^4 = 16) both move the output at the same order (Section 3).
+(λ ≫ 1) both move the output at the same order (Section 3). The best λ is model and task
+dependent; λ = 16 here is the `loraplus_lr_ratio` of PEFT's LoRA+ example.
 """
 
 import numpy as np
