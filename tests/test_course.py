@@ -182,8 +182,6 @@ def test_grading_an_exercise_reads_its_own_file_only(made, tmp_path):
 
 # What a student's code may do that must not crash the grader: each costs its exercise only.
 CONTAINED = {
-    "prints": ("E1", "lora_layer.py", "    d_in = W.shape[1]\n", "    d_in = W.shape[1]\n    print('debug', x.shape)\n",
-               "must not print"),
     "changes its input": ("E2", "lora_layer.py", "    return dx.reshape(x.shape), dA, dB",
                           "    xd[...] = 0.0\n    return dx.reshape(x.shape), dA, dB", "in place"),
     "raises": ("E4", "lora_adapters.py", "    check_adapters(merged, adapters, lora)\n",
@@ -218,7 +216,16 @@ def test_the_reference_imported_is_not_a_solution(made, tmp_path):
     (work / "lora_layer.py").write_text("from lora_np.layers import lora_linear_backward, lora_linear_forward\n")
     results = grade(work, {"E1", "E2"})
     assert scores(results) == {"E1": 0, "E2": 0}
-    assert all("comes from lora_np.core.layers, not from lora_layer.py" in r.hint for r in results)
+    assert all("cannot import name" in r.hint and "cannot come from lora_np" in r.hint for r in results)
+    assert not any("lora_np_grade_" in r.hint for r in results)  # no temporary path in what the student reads
+
+
+def test_a_debugging_print_costs_nothing_and_is_noted(made, tmp_path):
+    step = "        self.t += 1\n"
+    work = plant(made, tmp_path, "lora_finetune.py", step, step + "        print('step', self.t)\n")
+    results = grade(work, {"E6"})
+    assert scores(results) == {"E6": BY_ID["E6"].points}
+    assert "AdamW.step printed" in results[0].note
 
 
 def test_a_missing_file_fails_its_exercises_and_the_rest_is_graded(made, tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ..core import layers
 from ..core.gradcheck import numerical_vjp, rel_error
 from .checking import _ratio, _unpack, check, close, drawn
-from .student import Failure, Spy, formed, spying
+from .student import Failure
 
 # ----------------------------------------------------------------------------
 # E1, E2: the LoRA layer
@@ -167,14 +167,28 @@ def e1_cache(student):
                       f"A, B, scaling) as documented{layer}")  # fmt: skip
 
 
+# Wide layers for the checks of what is formed: a d_out × d_in product is 2.4 MB here, while every
+# array a correct forward or backward allocates is at most N·d_in wide, 24 kB.
+WIDEST = Layer((5,), 600, 500, 2, 2.0, True, 6)
+
+
+def _formed(student, nbytes):
+    """True when the last measured call allocated at least half of `nbytes` at its peak.
+
+    The student's process measures with tracemalloc, which sees every array NumPy allocates,
+    however it was made (B @ A, np.dot(np.asarray(B), A), einsum, a copy): what is formed, not
+    how it is spelled."""
+    return student.last.get("peak", 0) >= nbytes // 2
+
+
 @check("E1", 1, "B·A is never formed: the scaling goes on the r-wide factor")
 def e1_no_BA(student):
-    x, W, b, A, B, _ = DISTINCT.arrays()
-    with spying() as shapes:
-        student.fn("lora_linear_forward")(*(a.view(Spy) for a in (x, W)), b, A.view(Spy), B.view(Spy), DISTINCT.scaling)
-    if formed(shapes, {(DISTINCT.d_out, DISTINCT.d_in), (DISTINCT.d_in, DISTINCT.d_out)}):
-        raise Failure(f"the forward formed a d_out × d_in = {DISTINCT.d_out} × {DISTINCT.d_in} product (B·A): "
-                      f"apply A, then B, to the rows of x{DISTINCT}")  # fmt: skip
+    L = WIDEST
+    x, W, b, A, B, _ = L.arrays()
+    student.fn("lora_linear_forward", measure=True)(x, W, b, A, B, L.scaling)
+    if _formed(student, L.d_out * L.d_in * 8):
+        raise Failure(f"the forward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in = "
+                      f"{L.d_out} × {L.d_in} product (B·A, 2.4 MB): apply A, then B, to the rows of x{L}")  # fmt: skip
 
 
 def _backward(student, layer, dtype=np.float64, dropout=0.0, **flags):
@@ -238,44 +252,47 @@ def e2_reference(student):
     run()
 
 
+# Shapes where the frozen factor's gradient is by far the largest array the backward could form:
+# dA (r, d_in) = 40 × 3000 when A is frozen, dB (d_out, r) = 3000 × 40 when B is; 960 kB either way.
+FROZEN_A = Layer((2,), 3000, 40, 40, 2.0, True, 7)
+FROZEN_B = Layer((2,), 40, 3000, 40, 2.0, True, 8)
+
+
 @check("E2", 4, "need_dA / need_dB: a frozen factor's gradient is None and never formed")
 def e2_frozen(student):
-    L = DISTINCT
-    x, W, b, A, B, dout = L.arrays()
-    _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling)
-    want = layers.lora_linear_backward(dout, cache)
-    spied = tuple(a.view(Spy) if isinstance(a, np.ndarray) else a for a in cache)
-    shape_of = {"dA": (L.r, L.d_in), "dB": (L.d_out, L.r)}
-    for need_dA, need_dB in ((False, True), (True, False), (False, False)):
-        with spying() as shapes:
-            got = student.fn("lora_linear_backward")(dout.view(Spy), spied, need_dA=need_dA, need_dB=need_dB)
+    for L, need_dA, need_dB in ((FROZEN_A, False, True), (FROZEN_B, True, False), (FROZEN_A, False, False),
+                                (FROZEN_B, False, False)):  # fmt: skip
+        x, W, b, A, B, dout = L.arrays()
+        _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling)
+        want = layers.lora_linear_backward(dout, cache)
+        got = student.fn("lora_linear_backward", measure=True)(dout, cache, need_dA=need_dA, need_dB=need_dB)
         got = _unpack(got, "lora_linear_backward", 3)
         flags = f" with need_dA={need_dA}, need_dB={need_dB}"
+        big = "dA" if L is FROZEN_A else "dB"
         for name, need, g, w in zip(("dx", "dA", "dB"), (True, need_dA, need_dB), got, want, strict=True):
             if not need:
                 if g is not None:
                     raise Failure(f"{name} must be None{flags}: that factor is frozen")
-                if formed(shapes, {shape_of[name], shape_of[name][::-1]}):
-                    raise Failure(f"{name} was computed{flags} (a product of its shape {shape_of[name]} was "
-                                  f"formed): a frozen gradient must not be formed at all{L}")  # fmt: skip
+                if name == big and _formed(student, L.r * max(L.d_in, L.d_out) * 8):
+                    raise Failure(f"{name} was computed{flags}: the backward allocated "
+                                  f"{student.last['peak'] / 1e3:.0f} kB, as much as {name} of shape "
+                                  f"{w.shape} (960 kB); a frozen gradient must not be formed at all{L}")  # fmt: skip
             else:
-                g = g.view(np.ndarray) if isinstance(g, np.ndarray) else g  # a Spy compares as an array
                 close(name, g, w, 1e-10, flags + str(L))
 
 
 @check("E2", 3, "no d_out × d_in product (B·A, or W0's gradient g·xᵀ) is formed")
 def e2_no_full(student):
-    L = DISTINCT
+    L = WIDEST
     for p in (0.0, 0.5):
         x, W, b, A, B, dout = L.arrays()
         kw = {"dropout": p, "rng": np.random.default_rng(0)} if p else {}
         _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling, **kw)
-        spied = tuple(a.view(Spy) if isinstance(a, np.ndarray) else a for a in cache)
-        with spying() as shapes:
-            student.fn("lora_linear_backward")(dout.view(Spy), spied)
-        if formed(shapes, {(L.d_out, L.d_in), (L.d_in, L.d_out)}):
-            raise Failure(f"the backward formed a d_out × d_in = {L.d_out} × {L.d_in} product, dropout {p}: "
-                          f"order the products so that only r-wide ones appear{L}")  # fmt: skip
+        student.fn("lora_linear_backward", measure=True)(dout, cache)
+        if _formed(student, L.d_out * L.d_in * 8):
+            raise Failure(f"the backward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in "
+                          f"= {L.d_out} × {L.d_in} product (2.4 MB), dropout {p}: order the products so that only "
+                          f"r-wide ones appear{L}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------

@@ -17,9 +17,7 @@ and the exit status is 0 only at full marks.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -27,6 +25,8 @@ from ..studies.cli import Parser, check_out_file
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
 from .exercises import BY_ID, EXERCISES
+from .sandbox import Sandbox, TimeUp
+from .student import Failure
 
 DEFAULT_TIMEOUT = 120.0  # seconds an exercise may take; the solutions need a few
 
@@ -39,6 +39,7 @@ class Result:
     points: int
     passed: bool
     hint: str  # why it failed, or ""
+    note: str = ""  # something to fix that costs nothing, e.g. a debugging print
 
     @property
     def score(self):
@@ -51,41 +52,63 @@ def _checks(ex_id):
     return CHECKS[ex_id]
 
 
-def run_exercise(directory, ex_id, timeout):
-    """Grade one exercise in a child process; a check it did not report failed, with the reason."""
-    with tempfile.TemporaryDirectory() as tmp:
-        results = os.path.join(tmp, "results.jsonl")
-        # One BLAS thread: the matrices are tiny, and spinning threads collapse a shared machine.
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-        cmd = [sys.executable, "-m", "lora_np.course.worker", os.path.abspath(directory), ex_id, results]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-            ended = None if proc.returncode == 0 else f"the grading process ended with exit code {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            ended = f"time limit of {timeout:g} s exceeded (an endless loop, or far too slow)"
-        done = {}
-        if os.path.exists(results):
-            with open(results, encoding="utf-8") as f:
-                for line in f:
-                    if line.endswith("\n"):  # a line cut short by a kill is not a result
-                        r = json.loads(line)
-                        done[r["id"]] = r["hint"]
-    out = []
-    for check_id, title, points, _ in _checks(ex_id):
-        if check_id in done:
-            hint = done[check_id]
-        else:
-            hint = f"not finished: {ended or 'the grading process stopped'} during or before this check"
-        out.append(Result(ex_id, check_id, title, points, hint is None, hint or ""))
+def run_exercise(directory, ex_id, timeout, slow_files=None):
+    """Grade one exercise: its checks run here, the student's functions in a sandbox (sandbox.py).
+    A check that raised Failure failed with its hint; at the time limit the rest fail.
+    slow_files: {file: hint} of files whose import outlived the time limit; this exercise's file
+    is not imported again if it is there (a sleep at import costs one time limit, not one a exercise)."""
+    slow_files = {} if slow_files is None else slow_files
+    ex = BY_ID[ex_id]
+    out, notes = [], []
+    deadline = time.monotonic() + timeout
+    stopped = None
+    if not os.path.isfile(os.path.join(directory, ex.file)):
+        stopped = f"{ex.file} is missing: submit every file of the handout"
+    elif ex.file in slow_files:
+        stopped = slow_files[ex.file]
+    box = None if stopped else Sandbox(directory, ex.file, deadline)
+    try:
+        for check_id, title, points, fn in _checks(ex_id):
+            hint = stopped
+            if hint is None:
+                hint = _run_check(fn, box, ex.file)
+                if isinstance(hint, TimeUp):
+                    stopped = hint = (f"not finished: time limit of {timeout:g} s exceeded (an endless loop, or "
+                                      f"far too slow) during or before this check")  # fmt: skip
+            out.append(Result(ex_id, check_id, title, points, hint is None, hint or ""))
+    finally:
+        if box is not None:
+            notes = box.notes
+            if box.problem and "time limit" in box.problem:
+                slow_files[ex.file] = f"not graded: {box.problem}"
+            box.close()
+    if notes and out:
+        out[0].note = notes[0]
     return out
+
+
+def _run_check(fn, box, file_name):
+    """None when the check passed, else its hint (or TimeUp)."""
+    try:
+        fn(box)
+        return None
+    except Failure as e:
+        return str(e)
+    except TimeUp as e:
+        return e
+    except Exception as e:
+        if type(e).__module__.startswith("hypothesis"):  # e.g. Flaky: a failure that did not repeat
+            return (f"{file_name} gave different results for the same input from one call to the next "
+                    f"({type(e).__name__}); a layer must be a pure function of its inputs")
+        return f"the grader failed on this check ({type(e).__name__}: {e}); please report it"
 
 
 def grade(directory, only=None, timeout=DEFAULT_TIMEOUT):
     """Every check of the chosen exercises (all by default), in order: a list of Result."""
-    results = []
+    results, slow_files = [], {}
     for ex in EXERCISES:
         if only is None or ex.id in only:
-            results.extend(run_exercise(directory, ex.id, timeout))
+            results.extend(run_exercise(directory, ex.id, timeout, slow_files))
     return results
 
 
@@ -98,6 +121,8 @@ def table(results, directory):
             status = "passed" if got == top else "failed"
             lines.append(f"{ex.id + ' ' + ex.title:<56} {f'{got}/{top}':>7}  {status}")
             for r in rs:
+                if r.note:
+                    lines.append(f"    note: {r.note}")
                 if not r.passed:
                     lines.append(f"    {r.id} {r.title} (-{r.points})")
                     lines.append(f"        {r.hint}")
