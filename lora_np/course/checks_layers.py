@@ -185,7 +185,10 @@ def _formed(student, nbytes):
 def e1_no_BA(student):
     L = WIDEST
     x, W, b, A, B, _ = L.arrays()
-    student.fn("lora_linear_forward", measure=True)(x, W, b, A, B, L.scaling)
+    out, _ = _unpack(student.fn("lora_linear_forward", measure=True)(x, W, b, A, B, L.scaling),
+                     "lora_linear_forward", 2)  # fmt: skip
+    # how the answer is computed is graded once the answer is right (so returning zeros earns nothing)
+    close("out", out, layers.lora_linear_forward(x, W, b, A, B, L.scaling)[0], 1e-8, f" on a wide layer{L}")
     if _formed(student, L.d_out * L.d_in * 8):
         raise Failure(f"the forward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in = "
                       f"{L.d_out} × {L.d_in} product (B·A, 2.4 MB): apply A, then B, to the rows of x{L}")  # fmt: skip
@@ -288,7 +291,9 @@ def e2_no_full(student):
         x, W, b, A, B, dout = L.arrays()
         kw = {"dropout": p, "rng": np.random.default_rng(0)} if p else {}
         _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling, **kw)
-        student.fn("lora_linear_backward", measure=True)(dout, cache)
+        got = _unpack(student.fn("lora_linear_backward", measure=True)(dout, cache), "lora_linear_backward", 3)
+        for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, cache), strict=True):
+            close(name, g, w, 1e-8, f" on a wide layer, dropout {p}{L}")  # graded once the answer is right
         if _formed(student, L.d_out * L.d_in * 8):
             raise Failure(f"the backward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in "
                           f"= {L.d_out} × {L.d_in} product (2.4 MB), dropout {p}: order the products so that only "

@@ -11,6 +11,7 @@ function were ever needed by a helper, building the package fails rather than ha
 """
 
 import ast
+import functools
 import importlib
 import inspect
 import os
@@ -60,6 +61,7 @@ def _resolve(module, node):
     return ".".join(base + ([node.module] if node.module else []))
 
 
+@functools.lru_cache(maxsize=1)
 def build():
     """{file name inside the package: source} for the student's `lora_np`."""
     forbidden = {(obj.__module__, obj.__qualname__.split(".")[0]) for ex in EXERCISES for obj, method in ex.blanks
@@ -123,7 +125,7 @@ def write(folder):
     """Write the package into folder/lora_np; returns its path."""
     root = os.path.join(folder, PACKAGE)
     os.makedirs(root)
-    for name, text in build().items():
+    for name, text in build().items():  # the same text every time: the reference does not change in a run
         with open(os.path.join(root, name), "w", encoding="utf-8") as f:
             f.write(text)
     return root

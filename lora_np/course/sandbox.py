@@ -55,11 +55,16 @@ def _package_folders():
     return [pkg, *(p for p in (os.path.join(parent, d) for d in (".git", "build")) if os.path.isdir(p))]
 
 
+_TAKEN = set()  # user ids this grader has handed out and not yet released
+
+
 def _free_uid():
-    """A user id no process has: the student's processes alone, so all of them can be killed."""
-    used = {_uid_of(p) for p in _pids()}
+    """A user id no process has, nor another sandbox of this grader: the student's processes
+    alone run under it, so all of them can be killed."""
+    used = {_uid_of(p) for p in _pids()} | _TAKEN
     for uid in range(40000 + os.getpid() % 20000, 70000):
         if uid not in used:
+            _TAKEN.add(uid)
             return uid
     raise OSError("no free user id")
 
@@ -104,7 +109,7 @@ class Sandbox:
             src = os.path.join(directory, name)
             if name.endswith(".py") and os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(self.student_dir, name))
-        given.write(os.path.join(self.tmp, "given"))
+        given.write(os.path.join(self.tmp, "given"))  # built once a run (given.build is cached)
         grader = os.path.join(self.tmp, "grader")
         os.makedirs(grader)
         for name in ("worker.py", "wire.py"):
@@ -124,11 +129,15 @@ class Sandbox:
         if os.geteuid() == 0:
             self.settings.update(uid=_free_uid(), gid=65534, hide=_package_folders())
         self.proc, self.problem, self.ended, self.last, self.notes = None, None, None, {}, []
+        self.ready, self.import_deadline = False, None
 
     # ----------------------------------------------------------------------------------------
     # the process
 
-    def _start(self):
+    def spawn(self, import_deadline=None):
+        """Start the student's process; its import is awaited at the first call, until
+        import_deadline (the exercise's deadline by default). The grader starts every exercise's
+        process at once with one import deadline, so a sleep at import costs one time limit."""
         r_req, w_req = os.pipe()
         r_rep, w_rep = os.pipe()
         env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -144,8 +153,14 @@ class Sandbox:
             os.close(r_req)
             os.close(w_rep)
         self.requests, self.replies = os.fdopen(w_req, "wb"), os.fdopen(r_rep, "rb", buffering=0)
+        self.import_deadline = import_deadline
+
+    def _hello(self):
+        deadline = self.deadline
+        if self.import_deadline is not None:
+            deadline, self.import_deadline = self.import_deadline, None
         try:
-            hello = self._read("the import of " + self.file)
+            hello = self._read("the import of " + self.file, deadline)
         except TimeUp:
             self.problem = f"{self.file} did not finish importing within the time limit"
             raise
@@ -159,6 +174,7 @@ class Sandbox:
             self._stop()
         elif not hello.get("ready"):
             raise Failure(f"{self.file}: the grading process did not start")
+        self.ready = True
 
     def _plain(self, text):
         """A message without the grader's temporary folders in it."""
@@ -166,10 +182,10 @@ class Sandbox:
             text = text.replace(os.path.join(self.tmp, sub) + os.sep, "")
         return text.replace(self.tmp, "<grader>")
 
-    def _read(self, what):
+    def _read(self, what, deadline=None):
         """One reply, within the deadline; a dead or lying process is a Failure, the deadline TimeUp."""
         try:
-            return wire.read(_Reader(self.replies.fileno(), self), CLASSES)
+            return wire.read(_Reader(self.replies.fileno(), self, deadline or self.deadline), CLASSES)
         except EOFError:
             code = self.proc.wait(timeout=5) if self.proc else None
             self.stderr.seek(0)
@@ -193,11 +209,15 @@ class Sandbox:
             _kill_user(self.settings["uid"])
         self.proc.wait()
         for f in (self.requests, self.replies, self.stderr):
-            f.close()
+            try:
+                f.close()
+            except OSError:  # a request left unsent to a process now dead
+                pass
         self.proc = None
 
     def close(self):
         self._stop()
+        _TAKEN.discard(self.settings.get("uid"))
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):
@@ -213,11 +233,13 @@ class Sandbox:
         if self.problem:
             raise Failure(self.problem)
         if self.proc is None:
-            self._start()  # anew after a crash: the next check gets a fresh process
+            self.spawn()  # anew after a crash: the next check gets a fresh process
+            self.ready = False
+        if not self.ready:
+            self._hello()
             if self.problem:
                 raise Failure(self.problem)
-        self.requests.write(wire.encode(req, CLASSES))
-        self.requests.flush()
+        self._send(req)
         while True:
             reply = self._read(what)
             if "callback" not in reply:
@@ -229,8 +251,14 @@ class Sandbox:
                 out = {"result": refs[name](*reply["args"], **reply["kwargs"])}
             except Exception as e:
                 out = {"error": {"type": type(e).__name__, "message": str(e)[:300]}}
-            self.requests.write(wire.encode(out, CLASSES))
+            self._send(out)
+
+    def _send(self, message):
+        try:
+            self.requests.write(wire.encode(message, CLASSES))
             self.requests.flush()
+        except BrokenPipeError:  # it died: the read that follows says how
+            pass
 
     def _call(self, op, name, args, kwargs, *, handle=None, measure=False, refs=None, shown=None):
         shown = shown or name
@@ -291,14 +319,14 @@ def _name(path, fn):
 class _Reader:
     """A file-like read() on the reply pipe that gives up at the deadline."""
 
-    def __init__(self, fd, box):
-        self.fd, self.box = fd, box
+    def __init__(self, fd, box, deadline):
+        self.fd, self.box, self.deadline = fd, box, deadline
 
     def read(self, n):
         out = bytearray()
         while len(out) < n:
-            left = self.box.deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            left = max(0.0, self.deadline - time.monotonic())  # past it, what is already there still counts
+            if not select.select([self.fd], [], [], left)[0]:
                 self.box._stop()
                 raise TimeUp()
             chunk = os.read(self.fd, min(n - len(out), 1 << 20))
