@@ -142,7 +142,55 @@ BUGS = {
                                 "dW[ids.reshape(-1)] = dout.reshape(-1, D)", "dW"),
     "LayerNorm without the variance term": ("E7", "lora_challenge.py", "dx -= through_var", "dx -= 0.0", "dx"),
     "counting A only": ("E5", "lora_counting.py", "return r * (d_in + d_out)", "return r * d_in", "times"),
+    # what the notebooks assert is graded too (issue 20): each refusal, removed
+    "dropout=1.0 accepted": ("E1", "lora_layer.py", "if not 0.0 <= dropout < 1.0:", "if not 0.0 <= dropout <= 1.0:",
+                             "dropout=1.0 must raise ValueError"),
+    "init_lora without check_rank": ("E3", "lora_adapters.py", "    check_rank(cfg, lora)\n", "", "r = 9"),
+    "lora_params without the rank bound": ("E5", "lora_counting.py", "    if r > min(d_out, d_in):\n",
+                                           "    if False:\n", "lora_params(4096, 1024, 1025) must raise"),
+    "trainable_names accepts any bias": ("E6", "lora_finetune.py", "    if bias not in BIAS_OPTIONS:\n",
+                                         "    if False:\n", "bias='some' must raise"),
 }  # fmt: skip
+
+
+# issue 21: each check with a bug that it alone must see, so that weakening the check fails a test:
+# (check, file, the solution's line, the student's line, a word of that check's hint)
+OWN_BUGS = {
+    "E1.1": ("lora_layer.py", "    h = x2 @ W.T  #", "    h = x2 @ W.T + 1e-7  #", "max relative error"),
+    # a rate 12σ off: a check loosened to 60σ misses it
+    "E1.4": ("lora_layer.py", "mask = (rng.random(x2.shape) >= dropout)",
+             "mask = (rng.random(x2.shape) >= 1.15 * dropout)", "of the inputs"),
+    "E2.1": ("lora_layer.py", "    dx = g @ W  #", "    dx = g @ (W * (1 + 1e-4))  #", "finite differences"),
+    "E3.2": ("lora_adapters.py", "            adapters[name] = np.zeros(shape)",
+             "            adapters[name] = np.zeros(shape)\n            adapters[name][0, 0] = 1e-3", "exactly 0"),
+    "E4.1": ("lora_adapters.py", "            merged[name] = params[name] + delta  # W' = W0 + s·B·A",
+             "            merged[name] = params[name] + delta  # W' = W0 + s·B·A\n"
+             "    merged['W_e'] = params['W_e'] * 1.5", "carries no adapter"),
+    "E6.3": ("lora_finetune.py", "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)",
+             "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps) + lr * 1e-3 * (name[-1] == 'A')",
+             "moved at step 1"),
+}  # fmt: skip
+
+
+def test_a_missing_scaling_is_named_by_every_check_that_sees_it(made, tmp_path):
+    work = plant(made, tmp_path, "lora_layer.py", "h += (scaling * xA) @ B.T", "h += xA @ B.T")
+    results = {r.id: r for r in grade(work, {"E1"})}
+    for check_id in ("E1.1", "E1.2", "E1.4"):  # float64, float32 and dropout: one diagnosis
+        assert "the low-rank term of out is" in results[check_id].hint, results[check_id].hint
+
+
+def test_base_weights_in_trainable_names_cost_in_e6_1_only(made, tmp_path):
+    work = plant(made, tmp_path, "lora_finetune.py", "    return names\n", "    return names + ['W_e']\n")
+    results = {r.id: r for r in grade(work, {"E6"})}
+    assert not results["E6.1"].passed and results["E6.2"].passed and results["E6.3"].passed, results
+
+
+@pytest.mark.parametrize("check_id", sorted(OWN_BUGS))
+def test_each_named_check_sees_its_own_bug(made, tmp_path, check_id):
+    file, old, new, word = OWN_BUGS[check_id]
+    work = plant(made, tmp_path, file, old, new)
+    results = {r.id: r for r in grade(work, {check_id.split(".")[0]})}
+    assert not results[check_id].passed and word in results[check_id].hint, results[check_id]
 
 
 def plant(made, tmp_path, file, old, new):

@@ -67,6 +67,20 @@ def _forward(student, layer, dtype=np.float64, dropout=0.0):
 
 
 
+def _diagnose(out, want, base, tol, where):
+    """Say which path is wrong, when out has the right shape but not the right values: the
+    low-rank term missing, or c times what it should be (the scaling missing, or applied twice)."""
+    if not (isinstance(out, np.ndarray) and out.shape == want.shape and out.dtype == want.dtype):
+        return
+    if rel_error(out, want) < tol:
+        return
+    if rel_error(out, base) < tol:
+        raise Failure(f"out equals the frozen path W0·x + b alone: the low-rank term is missing{where}")
+    c = _ratio(out - base, want - base, 1e-3 if out.dtype == np.float32 else 1e-8)  # float32: round-off in out - base
+    if c is not None:
+        raise Failure(f"the low-rank term of out is {c:.4g} times s·B·A·x (the frozen path W0·x + b is right){where}")
+
+
 @check("E1", 4, "lora_linear_forward agrees with eq. 3 (reference, float64; square, non-square, r = 1)")
 def e1_values(student):
     @drawn()
@@ -78,13 +92,7 @@ def e1_values(student):
         out, _ = _unpack(_forward(student, layer), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays()
         want, _ = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)
-        if isinstance(out, np.ndarray) and out.shape == want.shape and rel_error(out, want) >= 1e-10:
-            base = x @ W.T + (0 if b is None else b)  # where the error is: the frozen path or the LoRA path
-            c = _ratio(out - base, want - base)
-            if rel_error(out, base) < 1e-10:
-                raise Failure(f"out equals the frozen path W0·x + b alone: the low-rank term is missing{layer}")
-            if c is not None:
-                raise Failure(f"the low-rank term of out is {c:.4g} times s·B·A·x{layer}")
+        _diagnose(out, want, x @ W.T + (0 if b is None else b), 1e-10, str(layer))
         close("out", out, want, 1e-10, str(layer))
 
     run()
@@ -99,6 +107,8 @@ def e1_float32(student):
         out, _ = _unpack(_forward(student, layer, np.float32), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays(np.float32)
         want = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)[0]
+        base = x @ W.T + (0 if b is None else b)
+        _diagnose(out, want, base, 1e-5, f" for float32 inputs{layer}")
         close("out", out, want, 1e-5, f" for float32 inputs{layer}")
 
     run()
@@ -136,11 +146,19 @@ def e1_dropout(student):
     if abs(rate - p) > 6 * sigma:
         raise Failure(f"the mask drops {rate:.3f} of the inputs; dropout={p} should drop {p} of them")
     want = x @ W.T + b + layer.scaling * ((x * mask) @ A.T) @ B.T  # h = W0·x + b + s·B·A·(m⊙x)
+    _diagnose(out, want, x @ W.T + b, 1e-10, " with dropout, your own mask m")
     close("out with dropout", out, want, 1e-10, ": it must be W0·x + b + s·B·A·(m⊙x) with your own mask m (the "
           "frozen path sees the clean x)")  # fmt: skip
     _, cache0 = _unpack(_forward(student, layer, dropout=0.0), "lora_linear_forward", 2)
     if _unpack(cache0, "lora_linear_forward's cache", 8)[3] is not None:
         raise Failure("with dropout = 0, cache[3] (the mask) must be None, as the docstring says")
+    for bad in ({"dropout": 1.0, "rng": np.random.default_rng(0)}, {"dropout": -0.1, "rng": np.random.default_rng(0)},
+                {"dropout": 0.5}):  # fmt: skip
+        got = student.raised("lora_linear_forward", x, W, b, A, B, layer.scaling, **bad)
+        if got != "ValueError":
+            shown = f"dropout={bad['dropout']!r}" + ("" if "rng" in bad else ", no rng")
+            raise Failure(f"lora_linear_forward with {shown} must raise ValueError (the file's docstring says so), "
+                          f"{'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 @check("E1", 1, "the cache has the documented layout (x, W, xd, mask, xA, A, B, scaling)")

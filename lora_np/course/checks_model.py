@@ -36,8 +36,13 @@ def _adapters(student, cfg, lora, seed):
     return adapters
 
 
-@check("E3", 2, "adapter names, shapes and dtype (float64), for every block and target")
+@check("E3", 2, "adapter names, shapes and dtype (float64), for every block and target; r too large refused")
 def e3_names(student):
+    too_wide = LoraConfig(r=9, alpha=9.0, targets=("W_q",))  # W_q is 8 × 8 in tiny()
+    got = student.raised("init_lora", tiny(), too_wide, 0)
+    if got != "ValueError":
+        raise Failure(f"init_lora with r = 9 on an 8 × 8 target must raise ValueError (check_rank does it), "
+                      f"{'raised ' + got if got else 'returned'}")  # fmt: skip
     for lora in LORAS:
         cfg = tiny()
         got, want = _adapters(student, cfg, lora, 0), ref.adapter_names(cfg, lora)
@@ -74,12 +79,14 @@ def e3_scale(student):
         # A·sqrt(d_in) pooled over every adapter: N(0, 1), or U(-1, 1) with std 1/√3
         z = np.concatenate([adapters[n].ravel() * np.sqrt(s[1]) for n, s in ref.adapter_names(cfg, lora).items()
                             if n.endswith(".A")])  # fmt: skip
-        std, top = float(np.std(z)), float(np.abs(z).max())
+        std, top, mean = float(np.std(z)), float(np.abs(z).max()), float(np.mean(z))  # in units of 1/√d_in
         want = 1.0 if init == "gaussian" else 3**-0.5
-        if not (abs(std / want - 1) < 0.05 and abs(np.mean(z)) < 0.05 * want):
-            raise Failure(f"init={init!r}: A's entries have mean {np.mean(z) / np.sqrt(64):.3g} and standard "
-                          f"deviation {std:.3g}/√d_in; the docstring asks for "
-                          f"{'N(0, 1/d_in)' if init == 'gaussian' else 'U(-1/√d_in, 1/√d_in)'}")  # fmt: skip
+        asked = "N(0, 1/d_in)" if init == "gaussian" else "U(-1/√d_in, 1/√d_in)"
+        if not abs(std / want - 1) < 0.05:
+            raise Failure(f"init={init!r}: A's entries have standard deviation {std:.3g}/√d_in, where {asked} has "
+                          f"{want:.3g}/√d_in")  # fmt: skip
+        if not abs(mean) < 0.05 * want:
+            raise Failure(f"init={init!r}: A's entries have mean {mean:.3g}/√d_in, where {asked} has mean 0")
         if init == "kaiming" and not 0.95 < top <= 1.0:
             raise Failure(f"init='kaiming': A's largest |entry| is {top:.3g}/√d_in; U(-1/√d_in, 1/√d_in) reaches "
                           f"nearly 1/√d_in and never beyond")  # fmt: skip
@@ -217,7 +224,7 @@ def _int(name, got, want, where):
         raise Failure(f"{name} returned {got:,}, which is {got / want:.4g} times the count{where}")
 
 
-@check("E5", 3, "lora_params: A and B of one weight, the 1000 × 1000 example included")
+@check("E5", 3, "lora_params: A and B of one weight, the 1000 × 1000 example included; bad arguments refused")
 def e5_one(student):
     @drawn(20)
     @given(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 64))
@@ -229,6 +236,12 @@ def e5_one(student):
         _int("lora_params", student.fn("lora_params")(d_out, d_in, r), want, f" for d_out {d_out}, d_in {d_in}, r {r}")
 
     run()
+    for args, error in (((4096, 1024, 1025), "ValueError"), ((10, 10, 0), "ValueError"), ((10, 10, 2.0), "TypeError"),
+                        ((10, True, 2), "TypeError")):  # fmt: skip  (the notebook's cases)
+        got = student.raised("lora_params", *args)
+        if got != error:
+            raise Failure(f"lora_params{args} must raise {error}, as its docstring says, "
+                          f"{'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 @check("E5", 4, "lora_transformer_params: every block, every adapted matrix, its own rank; GPT-3 included")
@@ -270,7 +283,8 @@ def e5_config(student):
 # E6: one fine-tuning step
 
 
-@check("E6", 6, "trainable_names: every parameter without adapters; the adapters (and the biases asked for) with")
+@check("E6", 6, "trainable_names: every parameter without adapters; the adapters (and the biases asked for) with; "
+                "a bias option refused")
 def e6_names(student):
     cfg = tiny()
     params = init_params(cfg, seed=0)
@@ -285,6 +299,13 @@ def e6_names(student):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         if missing or extra:
             raise Failure(f"{where}: missing {missing[:3]}, unexpected {extra[:3]}")
+    adapters, lora = ref.init_lora(cfg, LORAS[0], 0), LORAS[0]
+    for args, kwargs in (((params,), {"bias": "all"}), ((params, adapters, lora), {"bias": "some"})):
+        got = student.raised("trainable_names", *args, **kwargs)
+        if got != "ValueError":
+            where = "without adapters" if len(args) == 1 else "with adapters"
+            raise Failure(f"trainable_names {where}, bias={kwargs['bias']!r} must raise ValueError, as its docstring "
+                          f"says, {'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 def _adam_arrays(dtype=np.float64):
@@ -330,11 +351,11 @@ def e6_step(student):
     for who in ("student", "reference"):
         adapters = ref.init_lora(cfg, lora, 1)
         start = {k: v.copy() for k, v in adapters.items()}
+        # lora_np's trainable_names for both: a wrong one costs in E6.1, not here too
+        names = train.trainable_names(params, adapters, lora)
         if who == "student":
-            names = student.fn("trainable_names")(params, adapters, lora)
             opt = student.cls("AdamW")({n: adapters[n] for n in names}, lr=0.01)
         else:
-            names = train.trainable_names(params, adapters, lora)
             opt = optim.AdamW({n: adapters[n] for n in names}, lr=0.01)
         try:
             _, grads = train.loss_and_grads(params, x, y, adapters, lora, names, train=False)

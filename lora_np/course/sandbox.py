@@ -40,6 +40,10 @@ CLASSES = {"LoraConfig": LoraConfig, "ModelConfig": ModelConfig, "Params": Param
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class _Raised(Exception):
+    """The student's function raised, as a check expected it might (Sandbox.raised)."""
+
+
 class TimeUp(Exception):
     """The exercise's time limit passed; its remaining checks fail."""
 
@@ -260,7 +264,7 @@ class Sandbox:
         except BrokenPipeError:  # it died: the read that follows says how
             pass
 
-    def _call(self, op, name, args, kwargs, *, handle=None, measure=False, refs=None, shown=None):
+    def _call(self, op, name, args, kwargs, *, handle=None, measure=False, refs=None, shown=None, expect_error=False):
         shown = shown or name
         before = _snapshot({"args": list(args), "kwargs": kwargs})
         req = {"op": op, "name": name, "args": tuple(args), "kwargs": kwargs, "measure": measure,
@@ -284,6 +288,8 @@ class Sandbox:
             e = reply["error"]
             if e["blank"]:
                 raise Failure(f"{shown} is not written yet (it raises NotImplementedError)")
+            if expect_error:
+                raise _Raised(e["type"])
             if e["type"] == "TypeError" and "argument" in e["message"] and e["line"] is None:
                 raise Failure(f"{shown} does not take the handout's arguments ({e['message']}); keep its signature")
             where = f" (line {e['line']} of {self.file})" if e["line"] else ""
@@ -300,6 +306,15 @@ class Sandbox:
         """The student's function `name`, run in the student's process. refs: {name: lora_np's
         function} lent to it in place of the student's own for the call (one mistake costs once)."""
         return lambda *args, **kwargs: self._call("call", name, args, kwargs, measure=measure, refs=refs)
+
+    def raised(self, name, *args, **kwargs):
+        """The name of the exception type the student's function raised on these arguments, or None
+        when it returned: for the checks that bad arguments are refused."""
+        try:
+            self._call("call", name, args, kwargs, expect_error=True)
+        except _Raised as e:
+            return e.args[0]
+        return None
 
     def cls(self, name):
         """The student's class `name`: calling it makes an instance in the student's process."""
