@@ -8,6 +8,7 @@ there.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -345,3 +346,57 @@ def test_the_guide_quotes_the_graders_points():
     rows = re.findall(r"^\| (E\d)(?: \(challenge\))? \| `(\w+\.py)` \| .* \| (\d+) \| .* \|$", guide, flags=re.M)
     assert rows == [(e.id, e.file, str(e.points)) for e in EXERCISES]
     assert f"| | | | **{TOTAL_POINTS}** | |" in guide
+
+
+def test_make_never_replaces_a_students_own_figure(made, tmp_path):
+    work = tmp_path / "h"
+    (work / "figures").mkdir(parents=True)
+    (work / "figures" / "lora_layer.png").write_bytes(b"my drawing")
+    assert course("make", str(work)).returncode == 2
+    assert (work / "figures" / "lora_layer.png").read_bytes() == b"my drawing"
+
+
+def _autograder(made, tmp_path, submission):
+    """Gradescope's layout in a scratch folder: the zip unpacked in source/, the submission, then run_autograder."""
+    root = tmp_path / "autograder"
+    r = course("make", str(tmp_path / "zip"), "--gradescope")
+    assert r.returncode == 0, r.stderr
+    import zipfile
+
+    zipfile.ZipFile(tmp_path / "zip" / "autograder.zip").extractall(root / "source")
+    shutil.copytree(submission, root / "submission")
+    env = dict(os.environ, AUTOGRADER_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((root / "results" / "results.json").read_text())
+    validate_gradescope(doc)
+    assert str(tmp_path) not in json.dumps(doc).replace(str(root / "submission"), "")  # no temporary path
+    return doc
+
+
+def test_gradescope_zip_grades_a_submission_in_a_subfolder(made, tmp_path):
+    sub = tmp_path / "sub"
+    (sub / "hw1").mkdir(parents=True)
+    for f in ("lora_counting.py", "lora_layer.py"):  # one subfolder deep, three files missing
+        shutil.copy(made / "solutions" / f, sub / "hw1" / f)
+    doc = _autograder(made, tmp_path, sub)
+    by_ex = {e.id: sum(t["score"] for t in doc["tests"] if t["number"].startswith(e.id + ".")) for e in EXERCISES}
+    assert by_ex == {"E1": 10, "E2": 20, "E3": 0, "E4": 0, "E5": 10, "E6": 0, "E7": 0}
+    assert any("lora_adapters.py is missing" in t["output"] for t in doc["tests"])
+
+
+def test_the_gradescope_zip_pins_versions_and_nbgrader_keeps_the_students_files(tmp_path):
+    import zipfile
+
+    assert course("make", str(tmp_path / "z"), "--gradescope", "--hide-until-due").returncode == 0
+    z = zipfile.ZipFile(tmp_path / "z" / "autograder.zip")
+    pins = z.read("requirements.txt").decode()
+    assert all(re.search(rf"^{name}==\d", pins, flags=re.M) for name in ("numpy", "hypothesis", "matplotlib"))
+    assert "--hide-until-due" in z.read("run_autograder").decode() and "src/lora_np/core/layers.py" in z.namelist()
+    assert course("make", str(tmp_path / "nb"), "--nbgrader").returncode == 0
+    config = (tmp_path / "nb" / "nbgrader_config.py").read_text()
+    assert all(repr(f.name) in config for f in FILES) and "exclude_overwriting" in config
+    assert (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text() == strip_solutions(
+        (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text())  # blank: the students write it
+    assert BEGIN in (tmp_path / "nb" / "source" / "hw1" / "1_lora_layer.ipynb").read_text()  # nbgrader strips these

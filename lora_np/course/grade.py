@@ -17,14 +17,16 @@ and the exit status is 0 only at full marks.
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 from ..studies.cli import Parser, check_out_file
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
-from .exercises import BY_ID, EXERCISES
+from .exercises import BY_ID, EXERCISES, FILES
 from .sandbox import Sandbox, TimeUp
 from .student import Failure
 
@@ -138,20 +140,37 @@ def table(results, directory):
     return "\n".join(lines)
 
 
-def gradescope(results, seconds, text):
-    """Gradescope's results.json: one test a check, its score and max_score, the hint as its output."""
+def gradescope(results, seconds, text, hide_until_due=False):
+    """Gradescope's results.json: one test a check, its score and max_score, the hint as its output.
+    hide_until_due: the tests, their hints and the table are shown after the due date only; the
+    student sees that the submission was graded, and the score then too."""
+    shown = "after_due_date" if hide_until_due else "visible"
+    note = {r.exercise: r.note for r in results if r.note}
     return {
         "score": sum(r.score for r in results),
         "execution_time": round(seconds, 1),
-        "output": text,
-        "visibility": "visible",
+        "output": text if not hide_until_due else "Graded. The checks and their hints are shown after the due date.",
+        "visibility": shown,
         "stdout_visibility": "hidden",
         "tests": [
             {"name": f"{r.id} {r.title}", "number": r.id, "score": r.score, "max_score": r.points,
-             "status": "passed" if r.passed else "failed", "output": r.hint, "visibility": "visible"}
+             "status": "passed" if r.passed else "failed", "visibility": shown,
+             "output": r.hint + (f"\nnote: {note.pop(r.exercise)}" if r.exercise in note else "")}
             for r in results
         ],  # fmt: skip
     }
+
+
+def find_files(directory):
+    """{handout file: its path} for the handout's files anywhere under `directory` (a submission
+    zipped with its folder puts them in a subfolder); the shallowest wins."""
+    found = {}
+    for root, dirs, files in sorted(os.walk(directory), key=lambda w: w[0].count(os.sep)):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        for f in FILES:
+            if f.name in files and f.name not in found:
+                found[f.name] = os.path.join(root, f.name)
+    return found
 
 
 def check(*ids, directory="."):
@@ -177,6 +196,11 @@ def main(argv, prog="python -m lora_np course grade"):
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help=f"seconds each exercise may take (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results here, in Gradescope's results.json format")
+    p.add_argument("--find-files", action="store_true",
+                   help="look for the handout's files in dir's subfolders too, and grade a dir without any (each "
+                        "missing file scores 0 with a message): for a submission as Gradescope unpacks it")
+    p.add_argument("--hide-until-due", action="store_true",
+                   help="with --json: the checks and hints are shown to the student after the due date only")
     add_threads_flag(p)
     a = p.parse_args(argv)
     if importlib.util.find_spec("hypothesis") is None:
@@ -189,7 +213,9 @@ def main(argv, prog="python -m lora_np course grade"):
         if not os.path.isdir(a.dir):
             raise ValueError(f"dir {a.dir!r} is not a folder")
         files = sorted({BY_ID[e].file for e in (only or BY_ID)})
-        if not any(os.path.isfile(os.path.join(a.dir, f)) for f in files):  # some missing: those exercises fail
+        if a.find_files:
+            pass  # everything missing is graded too: 0 points, a message for each file
+        elif not any(os.path.isfile(os.path.join(a.dir, f)) for f in files):  # some missing: those exercises fail
             raise ValueError(f"dir {a.dir!r} has none of {', '.join(files)}: is it a handout from `course make`?")
         if not (a.timeout > 0 and a.timeout < float("inf")):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {a.timeout}")
@@ -198,10 +224,16 @@ def main(argv, prog="python -m lora_np course grade"):
     # the workers inherit the count; on stderr, so stdout is the grade report alone
     apply_threads(a.threads, log=lambda line: print(line, file=sys.stderr))
     start = time.perf_counter()
-    results = grade(a.dir, only, a.timeout)
+    if a.find_files:
+        with tempfile.TemporaryDirectory() as gathered:  # the files found, side by side, as the handout has them
+            for name, path in find_files(a.dir).items():
+                shutil.copyfile(path, os.path.join(gathered, name))
+            results = grade(gathered, only, a.timeout)
+    else:
+        results = grade(a.dir, only, a.timeout)
     text = table(results, a.dir)
     print(text)
     if a.json is not None:
-        doc = gradescope(results, time.perf_counter() - start, text)
+        doc = gradescope(results, time.perf_counter() - start, text, a.hide_until_due)
         write_atomic(a.json, lambda f: f.write(json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8")))
     return 0 if all(r.passed for r in results) else 1
