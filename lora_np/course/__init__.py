@@ -4,8 +4,10 @@
     python -m lora_np course grade DIR [--json FILE]   grade it: a table with hints; Gradescope's JSON
 
 exercises.py says which functions are exercises and what they are worth; make.py turns the
-reference functions into blanks; checks.py is what the grader checks; grade.py and worker.py run
-the checks with the student's code contained; notebooks.py holds the exercise notebooks.
+reference functions into blanks; checks.py is what the grader checks; grade.py runs the checks,
+sandbox.py calls the student's functions in a process of their own (worker.py, with given.py's
+helpers and wire.py's data format); platforms.py makes the Gradescope zip and the nbgrader
+course; notebooks.py holds the exercise notebooks.
 notebooks/COURSE.md is the instructor's guide.
 """
 

@@ -58,9 +58,7 @@ def requirements():
 
 def gradescope_zip(path, hide_until_due=False, timeout=60):
     """Write Gradescope's autograder zip to `path`."""
-    import lora_np
-
-    package = os.path.dirname(os.path.abspath(lora_np.__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lora_np's folder, put in the zip
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name, text, mode in (
