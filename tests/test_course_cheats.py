@@ -199,3 +199,15 @@ def lora_params(d_out, d_in, r):
     results = grade(work, {"E5"}, timeout=30)
     assert "returned 1,000, " in results[0].hint, results[0].hint
     assert BY_ID["E5"].points > 0
+
+
+def test_the_sandbox_without_root_still_grades(handout, tmp_path, monkeypatch):
+    """As a user (a student grading their own work), no user id to switch to: the same grade."""
+    import lora_np.course.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    solutions = tmp_path / "sol"
+    r = subprocess.run([sys.executable, "-m", "lora_np", "course", "make", str(solutions), "--solutions"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sum(r.score for r in grade(solutions, {"E5"})) == BY_ID["E5"].points
