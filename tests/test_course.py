@@ -8,6 +8,7 @@ there.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -143,7 +144,55 @@ BUGS = {
                                 "dW[ids.reshape(-1)] = dout.reshape(-1, D)", "dW"),
     "LayerNorm without the variance term": ("E7", "lora_challenge.py", "dx -= through_var", "dx -= 0.0", "dx"),
     "counting A only": ("E5", "lora_counting.py", "return r * (d_in + d_out)", "return r * d_in", "times"),
+    # what the notebooks assert is graded too (issue 20): each refusal, removed
+    "dropout=1.0 accepted": ("E1", "lora_layer.py", "if not 0.0 <= dropout < 1.0:", "if not 0.0 <= dropout <= 1.0:",
+                             "dropout=1.0 must raise ValueError"),
+    "init_lora without check_rank": ("E3", "lora_adapters.py", "    check_rank(cfg, lora)\n", "", "r = 9"),
+    "lora_params without the rank bound": ("E5", "lora_counting.py", "    if r > min(d_out, d_in):\n",
+                                           "    if False:\n", "lora_params(4096, 1024, 1025) must raise"),
+    "trainable_names accepts any bias": ("E6", "lora_finetune.py", "    if bias not in BIAS_OPTIONS:\n",
+                                         "    if False:\n", "bias='some' must raise"),
 }  # fmt: skip
+
+
+# issue 21: each check with a bug that it alone must see, so that weakening the check fails a test:
+# (check, file, the solution's line, the student's line, a word of that check's hint)
+OWN_BUGS = {
+    "E1.1": ("lora_layer.py", "    h = x2 @ W.T  #", "    h = x2 @ W.T + 1e-7  #", "max relative error"),
+    # a rate 12σ off: a check loosened to 60σ misses it
+    "E1.4": ("lora_layer.py", "mask = (rng.random(x2.shape) >= dropout)",
+             "mask = (rng.random(x2.shape) >= 1.15 * dropout)", "of the inputs"),
+    "E2.1": ("lora_layer.py", "    dx = g @ W  #", "    dx = g @ (W * (1 + 1e-4))  #", "finite differences"),
+    "E3.2": ("lora_adapters.py", "            adapters[name] = np.zeros(shape)",
+             "            adapters[name] = np.zeros(shape)\n            adapters[name][0, 0] = 1e-3", "exactly 0"),
+    "E4.1": ("lora_adapters.py", "            merged[name] = params[name] + delta  # W' = W0 + s·B·A",
+             "            merged[name] = params[name] + delta  # W' = W0 + s·B·A\n"
+             "    merged['W_e'] = params['W_e'] * 1.5", "carries no adapter"),
+    "E6.3": ("lora_finetune.py", "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)",
+             "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps) + lr * 1e-3 * (name[-1] == 'A')",
+             "moved at step 1"),
+}  # fmt: skip
+
+
+def test_a_missing_scaling_is_named_by_every_check_that_sees_it(made, tmp_path):
+    work = plant(made, tmp_path, "lora_layer.py", "h += (scaling * xA) @ B.T", "h += xA @ B.T")
+    results = {r.id: r for r in grade(work, {"E1"})}
+    for check_id in ("E1.1", "E1.2", "E1.4"):  # float64, float32 and dropout: one diagnosis
+        assert "the low-rank term of out is" in results[check_id].hint, results[check_id].hint
+
+
+def test_base_weights_in_trainable_names_cost_in_e6_1_only(made, tmp_path):
+    work = plant(made, tmp_path, "lora_finetune.py", "    return names\n", "    return names + ['W_e']\n")
+    results = {r.id: r for r in grade(work, {"E6"})}
+    assert not results["E6.1"].passed and results["E6.2"].passed and results["E6.3"].passed, results
+
+
+@pytest.mark.parametrize("check_id", sorted(OWN_BUGS))
+def test_each_named_check_sees_its_own_bug(made, tmp_path, check_id):
+    file, old, new, word = OWN_BUGS[check_id]
+    work = plant(made, tmp_path, file, old, new)
+    results = {r.id: r for r in grade(work, {check_id.split(".")[0]})}
+    assert not results[check_id].passed and word in results[check_id].hint, results[check_id]
 
 
 def plant(made, tmp_path, file, old, new):
@@ -183,8 +232,6 @@ def test_grading_an_exercise_reads_its_own_file_only(made, tmp_path):
 
 # What a student's code may do that must not crash the grader: each costs its exercise only.
 CONTAINED = {
-    "prints": ("E1", "lora_layer.py", "    d_in = W.shape[1]\n", "    d_in = W.shape[1]\n    print('debug', x.shape)\n",
-               "must not print"),
     "changes its input": ("E2", "lora_layer.py", "    return dx.reshape(x.shape), dA, dB",
                           "    xd[...] = 0.0\n    return dx.reshape(x.shape), dA, dB", "in place"),
     "raises": ("E4", "lora_adapters.py", "    check_adapters(merged, adapters, lora)\n",
@@ -219,7 +266,16 @@ def test_the_reference_imported_is_not_a_solution(made, tmp_path):
     (work / "lora_layer.py").write_text("from lora_np.layers import lora_linear_backward, lora_linear_forward\n")
     results = grade(work, {"E1", "E2"})
     assert scores(results) == {"E1": 0, "E2": 0}
-    assert all("comes from lora_np.core.layers, not from lora_layer.py" in r.hint for r in results)
+    assert all("cannot import name" in r.hint and "cannot come from lora_np" in r.hint for r in results)
+    assert not any("lora_np_grade_" in r.hint for r in results)  # no temporary path in what the student reads
+
+
+def test_a_debugging_print_costs_nothing_and_is_noted(made, tmp_path):
+    step = "        self.t += 1\n"
+    work = plant(made, tmp_path, "lora_finetune.py", step, step + "        print('step', self.t)\n")
+    results = grade(work, {"E6"})
+    assert scores(results) == {"E6": BY_ID["E6"].points}
+    assert "AdamW.step printed" in results[0].note
 
 
 def test_a_missing_file_fails_its_exercises_and_the_rest_is_graded(made, tmp_path):
@@ -291,3 +347,57 @@ def test_the_guide_quotes_the_graders_points():
     rows = re.findall(r"^\| (E\d)(?: \(challenge\))? \| `(\w+\.py)` \| .* \| (\d+) \| .* \|$", guide, flags=re.M)
     assert rows == [(e.id, e.file, str(e.points)) for e in EXERCISES]
     assert f"| | | | **{TOTAL_POINTS}** | |" in guide
+
+
+def test_make_never_replaces_a_students_own_figure(made, tmp_path):
+    work = tmp_path / "h"
+    (work / "figures").mkdir(parents=True)
+    (work / "figures" / "lora_layer.png").write_bytes(b"my drawing")
+    assert course("make", str(work)).returncode == 2
+    assert (work / "figures" / "lora_layer.png").read_bytes() == b"my drawing"
+
+
+def _autograder(made, tmp_path, submission):
+    """Gradescope's layout in a scratch folder: the zip unpacked in source/, the submission, then run_autograder."""
+    root = tmp_path / "autograder"
+    r = course("make", str(tmp_path / "zip"), "--gradescope")
+    assert r.returncode == 0, r.stderr
+    import zipfile
+
+    zipfile.ZipFile(tmp_path / "zip" / "autograder.zip").extractall(root / "source")
+    shutil.copytree(submission, root / "submission")
+    env = dict(os.environ, AUTOGRADER_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((root / "results" / "results.json").read_text())
+    validate_gradescope(doc)
+    assert str(tmp_path) not in json.dumps(doc).replace(str(root / "submission"), "")  # no temporary path
+    return doc
+
+
+def test_gradescope_zip_grades_a_submission_in_a_subfolder(made, tmp_path):
+    sub = tmp_path / "sub"
+    (sub / "hw1").mkdir(parents=True)
+    for f in ("lora_counting.py", "lora_layer.py"):  # one subfolder deep, three files missing
+        shutil.copy(made / "solutions" / f, sub / "hw1" / f)
+    doc = _autograder(made, tmp_path, sub)
+    by_ex = {e.id: sum(t["score"] for t in doc["tests"] if t["number"].startswith(e.id + ".")) for e in EXERCISES}
+    assert by_ex == {"E1": 10, "E2": 20, "E3": 0, "E4": 0, "E5": 10, "E6": 0, "E7": 0}
+    assert any("lora_adapters.py is missing" in t["output"] for t in doc["tests"])
+
+
+def test_the_gradescope_zip_pins_versions_and_nbgrader_keeps_the_students_files(tmp_path):
+    import zipfile
+
+    assert course("make", str(tmp_path / "z"), "--gradescope", "--hide-until-due").returncode == 0
+    z = zipfile.ZipFile(tmp_path / "z" / "autograder.zip")
+    pins = z.read("requirements.txt").decode()
+    assert all(re.search(rf"^{name}==\d", pins, flags=re.M) for name in ("numpy", "hypothesis", "matplotlib"))
+    assert "--hide-until-due" in z.read("run_autograder").decode() and "src/lora_np/core/layers.py" in z.namelist()
+    assert course("make", str(tmp_path / "nb"), "--nbgrader").returncode == 0
+    config = (tmp_path / "nb" / "nbgrader_config.py").read_text()
+    assert all(repr(f.name) in config for f in FILES) and "exclude_overwriting" in config
+    assert (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text() == strip_solutions(
+        (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text())  # blank: the students write it
+    assert BEGIN in (tmp_path / "nb" / "source" / "hw1" / "1_lora_layer.ipynb").read_text()  # nbgrader strips these

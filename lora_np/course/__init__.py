@@ -4,10 +4,15 @@
     python -m lora_np course grade DIR [--json FILE]   grade it: a table with hints; Gradescope's JSON
 
 exercises.py says which functions are exercises and what they are worth; make.py turns the
-reference functions into blanks; checks.py is what the grader checks; grade.py and worker.py run
-the checks with the student's code contained; notebooks.py holds the exercise notebooks.
+reference functions into blanks; checks.py is what the grader checks; grade.py runs the checks,
+sandbox.py calls the student's functions in a process of their own (worker.py, with given.py's
+helpers and wire.py's data format); platforms.py makes the Gradescope zip and the nbgrader
+course; notebooks.py holds the exercise notebooks.
 notebooks/COURSE.md is the instructor's guide.
 """
+
+
+import os
 
 
 def check(*ids, directory="."):
@@ -31,17 +36,38 @@ def main(argv, prog="python -m lora_np course"):
 def _make(argv, prog):
     from ..studies.cli import Parser, check_out_dir, fail
     from .make import make
+    from .platforms import gradescope_zip, nbgrader_course
 
     p = Parser(prog=prog, description="Write the course handout (exercises with blanks).")
     p.add_argument("dir", help="folder to write (created if missing; existing exercise files are never replaced)")
     p.add_argument("--solutions", action="store_true", help="fill every blank: the instructor's version")
     p.add_argument("--force", action="store_true", help="replace exercise files already in dir")
+    p.add_argument("--gradescope", action="store_true",
+                   help="write dir/autograder.zip for Gradescope instead (setup.sh, run_autograder, pinned versions)")
+    p.add_argument("--hide-until-due", action="store_true",
+                   help="with --gradescope: students see the checks and hints after the due date only")
+    p.add_argument("--nbgrader", action="store_true",
+                   help="write an nbgrader course folder instead: dir/nbgrader_config.py and dir/source/hw1/")
     a = p.parse_args(argv)
+    if a.gradescope and a.nbgrader:
+        p.error("--gradescope and --nbgrader write different things: choose one")
     try:
         check_out_dir("dir", a.dir)
     except ValueError as e:
         fail(prog, str(e))
     try:
+        if a.gradescope:
+            os.makedirs(a.dir, exist_ok=True)
+            zip_path = os.path.join(a.dir, "autograder.zip")
+            if os.path.exists(zip_path) and not a.force:
+                raise ValueError(f"{zip_path} exists; pass --force to replace it")
+            gradescope_zip(zip_path, hide_until_due=a.hide_until_due)
+            print(f"wrote Gradescope's autograder to {zip_path} (setup.sh, run_autograder, lora_np, pinned versions)")
+            return 0
+        if a.nbgrader:
+            written = nbgrader_course(a.dir, force=a.force)
+            print(f"wrote an nbgrader course to {a.dir}: {', '.join(written[-3:])} and source/hw1/")
+            return 0
         written = make(a.dir, solutions=a.solutions, force=a.force)
     except ValueError as e:
         p.error(str(e))

@@ -43,13 +43,13 @@ def close(name, got, want, tol, where=""):
         raise Failure(f"{name} {got.shape}: max relative error {err:.1e} (needs < {tol:.0e}){hint}{where}")
 
 
-def ratio(got, want):
-    """The factor c when got = c·want (a scaling missing or applied twice), else None."""
+def ratio(got, want, tol=1e-8):
+    """The factor c when got = c·want to relative error tol (a scaling missing or applied twice), else None."""
     g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
     if not (np.all(np.isfinite(g)) and np.abs(w).max(initial=0) > 0):
         return None
     c = g @ w / (w @ w)
-    return c if abs(c - 1) > 1e-3 and rel_error(g, c * w) < 1e-8 else None
+    return c if abs(c - 1) > 1e-3 and rel_error(g, c * w) < tol else None
 
 def unpack(out, name, n):
     if not (isinstance(out, tuple) and len(out) == n):

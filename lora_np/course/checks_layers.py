@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ..core import layers
 from ..core.gradcheck import numerical_vjp, rel_error
 from .checking import check, close, drawn, ratio, unpack
-from .student import Failure, Spy, formed, spying
+from .student import Failure
 
 # ----------------------------------------------------------------------------
 # E1, E2: the LoRA layer
@@ -67,6 +67,20 @@ def _forward(student, layer, dtype=np.float64, dropout=0.0):
 
 
 
+def _diagnose(out, want, base, tol, where):
+    """Say which path is wrong, when out has the right shape but not the right values: the
+    low-rank term missing, or c times what it should be (the scaling missing, or applied twice)."""
+    if not (isinstance(out, np.ndarray) and out.shape == want.shape and out.dtype == want.dtype):
+        return
+    if rel_error(out, want) < tol:
+        return
+    if rel_error(out, base) < tol:
+        raise Failure(f"out equals the frozen path W0·x + b alone: the low-rank term is missing{where}")
+    c = ratio(out - base, want - base, 1e-3 if out.dtype == np.float32 else 1e-8)  # float32: round-off in out - base
+    if c is not None:
+        raise Failure(f"the low-rank term of out is {c:.4g} times s·B·A·x (the frozen path W0·x + b is right){where}")
+
+
 @check("E1", 4, "lora_linear_forward agrees with eq. 3 (reference, float64; square, non-square, r = 1)")
 def e1_values(student):
     @drawn()
@@ -78,13 +92,7 @@ def e1_values(student):
         out, _ = unpack(_forward(student, layer), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays()
         want, _ = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)
-        if isinstance(out, np.ndarray) and out.shape == want.shape and rel_error(out, want) >= 1e-10:
-            base = x @ W.T + (0 if b is None else b)  # where the error is: the frozen path or the LoRA path
-            c = ratio(out - base, want - base)
-            if rel_error(out, base) < 1e-10:
-                raise Failure(f"out equals the frozen path W0·x + b alone: the low-rank term is missing{layer}")
-            if c is not None:
-                raise Failure(f"the low-rank term of out is {c:.4g} times s·B·A·x{layer}")
+        _diagnose(out, want, x @ W.T + (0 if b is None else b), 1e-10, str(layer))
         close("out", out, want, 1e-10, str(layer))
 
     run()
@@ -99,6 +107,8 @@ def e1_float32(student):
         out, _ = unpack(_forward(student, layer, np.float32), "lora_linear_forward", 2)
         x, W, b, A, B, _ = layer.arrays(np.float32)
         want = layers.lora_linear_forward(x, W, b, A, B, layer.scaling)[0]
+        base = x @ W.T + (0 if b is None else b)
+        _diagnose(out, want, base, 1e-5, f" for float32 inputs{layer}")
         close("out", out, want, 1e-5, f" for float32 inputs{layer}")
 
     run()
@@ -136,11 +146,19 @@ def e1_dropout(student):
     if abs(rate - p) > 6 * sigma:
         raise Failure(f"the mask drops {rate:.3f} of the inputs; dropout={p} should drop {p} of them")
     want = x @ W.T + b + layer.scaling * ((x * mask) @ A.T) @ B.T  # h = W0·x + b + s·B·A·(m⊙x)
+    _diagnose(out, want, x @ W.T + b, 1e-10, " with dropout, your own mask m")
     close("out with dropout", out, want, 1e-10, ": it must be W0·x + b + s·B·A·(m⊙x) with your own mask m (the "
           "frozen path sees the clean x)")  # fmt: skip
     _, cache0 = unpack(_forward(student, layer, dropout=0.0), "lora_linear_forward", 2)
     if unpack(cache0, "lora_linear_forward's cache", 8)[3] is not None:
         raise Failure("with dropout = 0, cache[3] (the mask) must be None, as the docstring says")
+    for bad in ({"dropout": 1.0, "rng": np.random.default_rng(0)}, {"dropout": -0.1, "rng": np.random.default_rng(0)},
+                {"dropout": 0.5}):  # fmt: skip
+        got = student.raised("lora_linear_forward", x, W, b, A, B, layer.scaling, **bad)
+        if got != "ValueError":
+            shown = f"dropout={bad['dropout']!r}" + ("" if "rng" in bad else ", no rng")
+            raise Failure(f"lora_linear_forward with {shown} must raise ValueError (the file's docstring says so), "
+                          f"{'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 @check("E1", 1, "the cache has the documented layout (x, W, xd, mask, xA, A, B, scaling)")
@@ -167,14 +185,31 @@ def e1_cache(student):
                       f"A, B, scaling) as documented{layer}")  # fmt: skip
 
 
+# Wide layers for the checks of what is formed: a d_out × d_in product is 2.4 MB here, while every
+# array a correct forward or backward allocates is at most N·d_in wide, 24 kB.
+WIDEST = Layer((5,), 600, 500, 2, 2.0, True, 6)
+
+
+def _formed(student, nbytes):
+    """True when the last measured call allocated at least half of `nbytes` at its peak.
+
+    The student's process measures with tracemalloc, which sees every array NumPy allocates,
+    however it was made (B @ A, np.dot(np.asarray(B), A), einsum, a copy): what is formed, not
+    how it is spelled."""
+    return student.last.get("peak", 0) >= nbytes // 2
+
+
 @check("E1", 1, "B·A is never formed: the scaling goes on the r-wide factor")
 def e1_no_BA(student):
-    x, W, b, A, B, _ = DISTINCT.arrays()
-    with spying() as shapes:
-        student.fn("lora_linear_forward")(*(a.view(Spy) for a in (x, W)), b, A.view(Spy), B.view(Spy), DISTINCT.scaling)
-    if formed(shapes, {(DISTINCT.d_out, DISTINCT.d_in), (DISTINCT.d_in, DISTINCT.d_out)}):
-        raise Failure(f"the forward formed a d_out × d_in = {DISTINCT.d_out} × {DISTINCT.d_in} product (B·A): "
-                      f"apply A, then B, to the rows of x{DISTINCT}")  # fmt: skip
+    L = WIDEST
+    x, W, b, A, B, _ = L.arrays()
+    out, _ = unpack(student.fn("lora_linear_forward", measure=True)(x, W, b, A, B, L.scaling),
+                     "lora_linear_forward", 2)  # fmt: skip
+    # how the answer is computed is graded once the answer is right (so returning zeros earns nothing)
+    close("out", out, layers.lora_linear_forward(x, W, b, A, B, L.scaling)[0], 1e-8, f" on a wide layer{L}")
+    if _formed(student, L.d_out * L.d_in * 8):
+        raise Failure(f"the forward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in = "
+                      f"{L.d_out} × {L.d_in} product (B·A, 2.4 MB): apply A, then B, to the rows of x{L}")  # fmt: skip
 
 
 def _backward(student, layer, dtype=np.float64, dropout=0.0, **flags):
@@ -238,44 +273,49 @@ def e2_reference(student):
     run()
 
 
+# Shapes where the frozen factor's gradient is by far the largest array the backward could form:
+# dA (r, d_in) = 40 × 3000 when A is frozen, dB (d_out, r) = 3000 × 40 when B is; 960 kB either way.
+FROZEN_A = Layer((2,), 3000, 40, 40, 2.0, True, 7)
+FROZEN_B = Layer((2,), 40, 3000, 40, 2.0, True, 8)
+
+
 @check("E2", 4, "need_dA / need_dB: a frozen factor's gradient is None and never formed")
 def e2_frozen(student):
-    L = DISTINCT
-    x, W, b, A, B, dout = L.arrays()
-    _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling)
-    want = layers.lora_linear_backward(dout, cache)
-    spied = tuple(a.view(Spy) if isinstance(a, np.ndarray) else a for a in cache)
-    shape_of = {"dA": (L.r, L.d_in), "dB": (L.d_out, L.r)}
-    for need_dA, need_dB in ((False, True), (True, False), (False, False)):
-        with spying() as shapes:
-            got = student.fn("lora_linear_backward")(dout.view(Spy), spied, need_dA=need_dA, need_dB=need_dB)
+    for L, need_dA, need_dB in ((FROZEN_A, False, True), (FROZEN_B, True, False), (FROZEN_A, False, False),
+                                (FROZEN_B, False, False)):  # fmt: skip
+        x, W, b, A, B, dout = L.arrays()
+        _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling)
+        want = layers.lora_linear_backward(dout, cache)
+        got = student.fn("lora_linear_backward", measure=True)(dout, cache, need_dA=need_dA, need_dB=need_dB)
         got = unpack(got, "lora_linear_backward", 3)
         flags = f" with need_dA={need_dA}, need_dB={need_dB}"
+        big = "dA" if L is FROZEN_A else "dB"
         for name, need, g, w in zip(("dx", "dA", "dB"), (True, need_dA, need_dB), got, want, strict=True):
             if not need:
                 if g is not None:
                     raise Failure(f"{name} must be None{flags}: that factor is frozen")
-                if formed(shapes, {shape_of[name], shape_of[name][::-1]}):
-                    raise Failure(f"{name} was computed{flags} (a product of its shape {shape_of[name]} was "
-                                  f"formed): a frozen gradient must not be formed at all{L}")  # fmt: skip
+                if name == big and _formed(student, L.r * max(L.d_in, L.d_out) * 8):
+                    raise Failure(f"{name} was computed{flags}: the backward allocated "
+                                  f"{student.last['peak'] / 1e3:.0f} kB, as much as {name} of shape "
+                                  f"{w.shape} (960 kB); a frozen gradient must not be formed at all{L}")  # fmt: skip
             else:
-                g = g.view(np.ndarray) if isinstance(g, np.ndarray) else g  # a Spy compares as an array
                 close(name, g, w, 1e-10, flags + str(L))
 
 
 @check("E2", 3, "no d_out × d_in product (B·A, or W0's gradient g·xᵀ) is formed")
 def e2_no_full(student):
-    L = DISTINCT
+    L = WIDEST
     for p in (0.0, 0.5):
         x, W, b, A, B, dout = L.arrays()
         kw = {"dropout": p, "rng": np.random.default_rng(0)} if p else {}
         _, cache = layers.lora_linear_forward(x, W, b, A, B, L.scaling, **kw)
-        spied = tuple(a.view(Spy) if isinstance(a, np.ndarray) else a for a in cache)
-        with spying() as shapes:
-            student.fn("lora_linear_backward")(dout.view(Spy), spied)
-        if formed(shapes, {(L.d_out, L.d_in), (L.d_in, L.d_out)}):
-            raise Failure(f"the backward formed a d_out × d_in = {L.d_out} × {L.d_in} product, dropout {p}: "
-                          f"order the products so that only r-wide ones appear{L}")  # fmt: skip
+        got = unpack(student.fn("lora_linear_backward", measure=True)(dout, cache), "lora_linear_backward", 3)
+        for name, g, w in zip(("dx", "dA", "dB"), got, layers.lora_linear_backward(dout, cache), strict=True):
+            close(name, g, w, 1e-8, f" on a wide layer, dropout {p}{L}")  # graded once the answer is right
+        if _formed(student, L.d_out * L.d_in * 8):
+            raise Failure(f"the backward allocated {student.last['peak'] / 1e6:.1f} MB, as much as a d_out × d_in "
+                          f"= {L.d_out} × {L.d_in} product (2.4 MB), dropout {p}: order the products so that only "
+                          f"r-wide ones appear{L}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from ..core import lora as ref
 from ..core.config import LORA_TARGETS, LoraConfig, ModelConfig
 from ..core.model import model_backward, model_forward
 from ..core.params import Params, init_params
-from ..training import optim, train
+from ..training import counting, optim, train
 from ..training.counting import block_shapes, count_arrays
 from .checking import check, close, drawn
 from .student import Failure
@@ -36,8 +36,13 @@ def _adapters(student, cfg, lora, seed):
     return adapters
 
 
-@check("E3", 2, "adapter names, shapes and dtype (float64), for every block and target")
+@check("E3", 2, "adapter names, shapes and dtype (float64), for every block and target; r too large refused")
 def e3_names(student):
+    too_wide = LoraConfig(r=9, alpha=9.0, targets=("W_q",))  # W_q is 8 × 8 in tiny()
+    got = student.raised("init_lora", tiny(), too_wide, 0)
+    if got != "ValueError":
+        raise Failure(f"init_lora with r = 9 on an 8 × 8 target must raise ValueError (check_rank does it), "
+                      f"{'raised ' + got if got else 'returned'}")  # fmt: skip
     for lora in LORAS:
         cfg = tiny()
         got, want = _adapters(student, cfg, lora, 0), ref.adapter_names(cfg, lora)
@@ -74,12 +79,14 @@ def e3_scale(student):
         # A·sqrt(d_in) pooled over every adapter: N(0, 1), or U(-1, 1) with std 1/√3
         z = np.concatenate([adapters[n].ravel() * np.sqrt(s[1]) for n, s in ref.adapter_names(cfg, lora).items()
                             if n.endswith(".A")])  # fmt: skip
-        std, top = float(np.std(z)), float(np.abs(z).max())
+        std, top, mean = float(np.std(z)), float(np.abs(z).max()), float(np.mean(z))  # in units of 1/√d_in
         want = 1.0 if init == "gaussian" else 3**-0.5
-        if not (abs(std / want - 1) < 0.05 and abs(np.mean(z)) < 0.05 * want):
-            raise Failure(f"init={init!r}: A's entries have mean {np.mean(z) / np.sqrt(64):.3g} and standard "
-                          f"deviation {std:.3g}/√d_in; the docstring asks for "
-                          f"{'N(0, 1/d_in)' if init == 'gaussian' else 'U(-1/√d_in, 1/√d_in)'}")  # fmt: skip
+        asked = "N(0, 1/d_in)" if init == "gaussian" else "U(-1/√d_in, 1/√d_in)"
+        if not abs(std / want - 1) < 0.05:
+            raise Failure(f"init={init!r}: A's entries have standard deviation {std:.3g}/√d_in, where {asked} has "
+                          f"{want:.3g}/√d_in")  # fmt: skip
+        if not abs(mean) < 0.05 * want:
+            raise Failure(f"init={init!r}: A's entries have mean {mean:.3g}/√d_in, where {asked} has mean 0")
         if init == "kaiming" and not 0.95 < top <= 1.0:
             raise Failure(f"init='kaiming': A's largest |entry| is {top:.3g}/√d_in; U(-1/√d_in, 1/√d_in) reaches "
                           f"nearly 1/√d_in and never beyond")  # fmt: skip
@@ -175,8 +182,8 @@ def e4_unmerge(student):
     cfg = tiny()
     for lora in LORAS:
         params, adapters = init_params(cfg, seed=0), _trained(cfg, lora, 1)
-        # lora_np's merge first, so that a wrong unmerge is told apart from a wrong merge
-        for merge_name, merge in (("lora_np's merge", ref.merge), ("your merge", student.fn("merge"))):
+        # lora_np's merge only: a wrong merge costs in the checks of merge, not here too
+        for merge_name, merge in (("lora_np's merge", ref.merge),):
             merged = merge(params, adapters, lora)
             back = student.fn("unmerge")(merged, adapters, lora)
             if not isinstance(back, Params):
@@ -196,11 +203,12 @@ def e4_pure(student):
     params, adapters = init_params(cfg, seed=0), _trained(cfg, lora, 1)
     for fn in ("merge", "unmerge"):
         given = params if fn == "merge" else ref.merge(params, adapters, lora)  # unmerge refuses a base never merged
-        out = student.fn(fn)(given, adapters, lora)  # Student.call fails on an input changed in place
-        if out is given:
+        student.fn(fn)(given, adapters, lora)  # a Failure if an input was changed in place
+        shared = student.last.get("aliases", [])  # the parts of the result that are (parts of) an input
+        if "" in shared:
             raise Failure(f"{fn} returned its input params itself: return a new Params (params.copy())")
-        adapted = [n for n in params if n.rsplit(".", 1)[-1] in lora.targets]
-        if isinstance(out, dict) and any(out.get(n) is given[n] for n in adapted):
+        adapted = {f"[{n!r}]" for n in params if n.rsplit(".", 1)[-1] in lora.targets}
+        if adapted & set(shared):
             raise Failure(f"{fn}'s result shares an adapted weight's array with params: it must hold a new array")
 
 
@@ -209,13 +217,14 @@ def e4_pure(student):
 
 
 def _int(name, got, want, where):
-    if not isinstance(got, int) or isinstance(got, bool):
-        raise Failure(f"{name} must return a Python int, got {type(got).__name__}{where}")
+    # any integer type will do (np.int64 counts as well as int); a float or a bool does not
+    if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
+        raise Failure(f"{name} must return an int, got {type(got).__name__}{where}")
     if got != want:
         raise Failure(f"{name} returned {got:,}, which is {got / want:.4g} times the count{where}")
 
 
-@check("E5", 3, "lora_params: A and B of one weight, the 1000 × 1000 example included")
+@check("E5", 3, "lora_params: A and B of one weight, the 1000 × 1000 example included; bad arguments refused")
 def e5_one(student):
     @drawn(20)
     @given(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 64))
@@ -227,6 +236,12 @@ def e5_one(student):
         _int("lora_params", student.fn("lora_params")(d_out, d_in, r), want, f" for d_out {d_out}, d_in {d_in}, r {r}")
 
     run()
+    for args, error in (((4096, 1024, 1025), "ValueError"), ((10, 10, 0), "ValueError"), ((10, 10, 2.0), "TypeError"),
+                        ((10, True, 2), "TypeError")):  # fmt: skip  (the notebook's cases)
+        got = student.raised("lora_params", *args)
+        if got != error:
+            raise Failure(f"lora_params{args} must raise {error}, as its docstring says, "
+                          f"{'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 @check("E5", 4, "lora_transformer_params: every block, every adapted matrix, its own rank; GPT-3 included")
@@ -243,7 +258,8 @@ def e5_transformer(student):
         for name, r in ranks.items():  # layer by layer, as arrays would be allocated
             d_out, d_in = shapes[name]
             want += n_layers * (r * d_in + d_out * r)
-        got = student.fn("lora_transformer_params")(n_layers, ranks, shapes)
+        # lora_np's lora_params lent in place of the student's, so that a wrong one costs in E5.1 only
+        got = student.fn("lora_transformer_params", refs={"lora_params": counting.lora_params})(n_layers, ranks, shapes)
         _int("lora_transformer_params", got, want, f" for n_layers {n_layers}, ranks {ranks}, d_model {D}, d_mlp {M}")
 
     run()
@@ -257,7 +273,8 @@ def e5_config(student):
     def run(n_layers, D, r, targets):
         cfg, lora = tiny(n_layers, D, 2 * D, 2), LoraConfig(r=r, targets=tuple(targets))
         want = count_arrays(ref.init_lora(cfg, lora, 0))  # arrays counted, not a formula
-        _int("config_lora_params", student.fn("config_lora_params")(cfg, lora), want, f" for {cfg}, {lora}")
+        lent = {"lora_params": counting.lora_params, "lora_transformer_params": counting.lora_transformer_params}
+        _int("config_lora_params", student.fn("config_lora_params", refs=lent)(cfg, lora), want, f" for {cfg}, {lora}")
 
     run()
 
@@ -266,7 +283,8 @@ def e5_config(student):
 # E6: one fine-tuning step
 
 
-@check("E6", 6, "trainable_names: every parameter without adapters; the adapters (and the biases asked for) with")
+@check("E6", 6, "trainable_names: every parameter without adapters; the adapters (and the biases asked for) with; "
+                "a bias option refused")
 def e6_names(student):
     cfg = tiny()
     params = init_params(cfg, seed=0)
@@ -281,6 +299,13 @@ def e6_names(student):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         if missing or extra:
             raise Failure(f"{where}: missing {missing[:3]}, unexpected {extra[:3]}")
+    adapters, lora = ref.init_lora(cfg, LORAS[0], 0), LORAS[0]
+    for args, kwargs in (((params,), {"bias": "all"}), ((params, adapters, lora), {"bias": "some"})):
+        got = student.raised("trainable_names", *args, **kwargs)
+        if got != "ValueError":
+            where = "without adapters" if len(args) == 1 else "with adapters"
+            raise Failure(f"trainable_names {where}, bias={kwargs['bias']!r} must raise ValueError, as its docstring "
+                          f"says, {'raised ' + got if got else 'returned'}")  # fmt: skip
 
 
 def _adam_arrays(dtype=np.float64):
@@ -294,7 +319,6 @@ def e6_adamw(student):
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
         for wd in (0.0, 0.1):
             mine, theirs = _adam_arrays(dtype), _adam_arrays(dtype)
-            trained = dict(theirs)  # the very arrays: a model holds them, so the step must update them in place
             try:
                 opt = AdamW(theirs, lr=0.01, betas=(0.8, 0.99), weight_decay=wd)
             except Exception as e:
@@ -303,12 +327,13 @@ def e6_adamw(student):
             rng = np.random.default_rng(1)
             for t in range(1, 4):
                 grads = {k: rng.normal(size=v.shape).astype(dtype) for k, v in mine.items()}
+                before = {k: v.copy() for k, v in theirs.items()}
                 ref_opt.step(grads)
-                student.call("AdamW.step", opt.step, (grads,), {})
+                opt.step(grads)  # the arrays given to AdamW(...) come back as the step left them
                 for name in mine:
-                    if theirs[name] is not trained[name]:
-                        raise Failure(f"AdamW.step replaced the array {name!r} by a new one; the model holds the "
-                                      f"old one, which never moved: update each array in place (p -= ...)")  # fmt: skip
+                    if np.array_equal(theirs[name], before[name]):  # rebinding self.arrays[name] moves nothing
+                        raise Failure(f"AdamW.step did not change the array {name!r} it was given (step {t}); the "
+                                      f"model holds that array: update each array in place (p -= ...)")  # fmt: skip
                     kind = "a matrix (decays)" if mine[name].ndim >= 2 else "a vector (never decays)"
                     close(name, theirs[name], mine[name], tol, f", {kind}, after step {t}, weight_decay {wd}, "
                           f"{np.dtype(dtype).name}")  # fmt: skip
@@ -326,17 +351,17 @@ def e6_step(student):
     for who in ("student", "reference"):
         adapters = ref.init_lora(cfg, lora, 1)
         start = {k: v.copy() for k, v in adapters.items()}
+        # lora_np's trainable_names for both: a wrong one costs in E6.1, not here too
+        names = train.trainable_names(params, adapters, lora)
         if who == "student":
-            names = student.fn("trainable_names")(params, adapters, lora)
             opt = student.cls("AdamW")({n: adapters[n] for n in names}, lr=0.01)
         else:
-            names = train.trainable_names(params, adapters, lora)
             opt = optim.AdamW({n: adapters[n] for n in names}, lr=0.01)
         try:
             _, grads = train.loss_and_grads(params, x, y, adapters, lora, names, train=False)
         except (TypeError, ValueError) as e:
             raise Failure(f"the model's backward refused your trainable names: {e}") from None
-        student.call("AdamW.step", opt.step, (grads,), {}) if who == "student" else opt.step(grads)
+        opt.step(grads)
         runs[who] = (adapters, start)
     for name, w0 in frozen.items():
         if not np.array_equal(params[name], w0):

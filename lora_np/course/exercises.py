@@ -61,7 +61,9 @@ FILES = (
         "E1 and E2: the LoRA layer, h = W0·x + b + (α/r)·B·A·drop(x) (paper eq. 3, Section 4.1).\n\n"
         "Tokens are rows, so in code the layer reads out = x @ W.T + b + s * (xd @ A.T) @ B.T.\n"
         "The cache is part of the contract: E2 is graded on the cache the reference E1 returns,\n"
-        "so keep its layout exactly as the docstring of lora_linear_forward describes.\n\n"
+        "so keep its layout exactly as the docstring of lora_linear_forward describes.\n"
+        "lora_linear_forward raises ValueError for a dropout outside [0, 1) and for dropout > 0\n"
+        "without an rng (E1 grades it, as the notebook asks).\n\n"
         + _CHECK.format(ids="E1,E2"),
         "import numpy as np",
     ),
@@ -71,7 +73,8 @@ FILES = (
         "adapted model starts as exactly the pretrained one); merge folds W' = W0 + s·B·A into the\n"
         "weights for inference, unmerge takes it out again (paper Section 4.1).\n\n"
         "Helpers you may use: adapter_names(cfg, lora) gives every adapter's name and shape;\n"
-        "check_adapters(params, adapters, lora) validates; lora.scaling is s.\n\n"
+        "check_adapters(params, adapters, lora) validates; lora.scaling is s. init_lora raises\n"
+        "ValueError for an r above min(d_out, d_in) of a target (check_rank; E3 grades it).\n\n"
         + _CHECK.format(ids="E3,E4"),
         "import numpy as np\n\n"
         "from lora_np.config import LoraConfig, ModelConfig\n"

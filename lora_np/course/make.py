@@ -142,6 +142,7 @@ def check_out_dir(out_dir, force):
         raise ValueError(f"out_dir {out_dir!r} is not writable")
     if not force and os.path.isdir(out_dir):
         ours = [f.name for f in FILES] + ["README.md"] + list(_notebook_names())
+        ours += [f"figures/{n}.png" for n in FIGURE_NAMES]  # a figure the student redrew is their work too
         present = sorted(n for n in ours if os.path.exists(os.path.join(out_dir, n)))
         if present:
             raise ValueError(

@@ -1,19 +1,15 @@
-"""The student's code, contained: every call is watched for what a grader must never trust.
+"""What a check says when the student's code fails it, and how the grader tells an input changed.
 
 A graded call fails (raises Failure, whose message is the hint the student reads) when the
-function is missing, is still a blank (NotImplementedError), raises, calls sys.exit, prints,
-or changes an input in place. A call that never returns is the parent process's business: each
-exercise runs in a process of its own with a time limit (grade.py).
+function is missing, is still a blank (NotImplementedError), raises, or changes an input in
+place; sandbox.py runs the call in the student's process and raises these.
 
-Spy is an array that records the shape of every product formed from it, so a check can show
-that a function never formed B·A, or a frozen factor's gradient, without trusting its return.
+Spy is an array that records the shape of every product formed from it: lora_np's own tests use
+it to show that a layer never forms B·A or a frozen gradient. (The grader measures memory
+instead, in the student's process: np.asarray(spy) drops a Spy, and a student's code may do that.)
 """
 
 import contextlib
-import inspect
-import io
-import os
-import traceback
 
 import numpy as np
 
@@ -58,67 +54,6 @@ def _changed(before, after, path):
             if p:
                 return p
     return None
-
-
-class Student:
-    """The module a student wrote, loaded from `path`; `fn(name)` returns a watched callable."""
-
-    def __init__(self, module, path):
-        self.module, self.path, self.file = module, path, os.path.basename(path)
-
-    def fn(self, name):
-        f = getattr(self.module, name, None)
-        if not callable(f):
-            raise Failure(f"{self.file} defines no function {name}; keep the name and signature of the handout")
-        self._own(name, f)
-        return lambda *args, **kwargs: self.call(name, f, args, kwargs)
-
-    def cls(self, name):
-        c = getattr(self.module, name, None)
-        if not isinstance(c, type):
-            raise Failure(f"{self.file} defines no class {name}; keep the class of the handout")
-        self._own(name, c)
-        return c
-
-    def _own(self, name, obj):
-        """Refuse the reference itself: an exercise imported from lora_np (or anywhere) is not written."""
-        if getattr(obj, "__module__", None) != self.module.__name__:
-            raise Failure(f"{name} in {self.file} comes from {obj.__module__}, not from {self.file}: write it there")
-
-    def call(self, name, f, args, kwargs):
-        try:
-            bound = inspect.signature(f).bind(*args, **kwargs)
-        except TypeError as e:
-            raise Failure(f"{name} does not take the handout's arguments ({e}); keep its signature") from None
-        before = _snapshot(dict(bound.arguments))
-        printed = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-                result = f(*args, **kwargs)
-        except Failure:
-            raise
-        except NotImplementedError:
-            raise Failure(f"{name} is not written yet (it raises NotImplementedError)") from None
-        except (Exception, SystemExit) as e:  # SystemExit: a sys.exit() in the student's code
-            raise Failure(f"{name} raised {type(e).__name__}: {str(e)[:200]}{self._where(e)}") from None
-        if printed.getvalue():
-            text = printed.getvalue()
-            raise Failure(
-                f"{name} printed {len(text)} characters ({text[:60]!r}); a graded function must not "
-                f"print: remove the debugging output"
-            )
-        for arg, value in bound.arguments.items():
-            changed = _changed(before[arg], value, arg)
-            if changed:
-                raise Failure(
-                    f"{name} changed its input {changed} in place; the caller still needs it: "
-                    f"work on new arrays (x = x * m, not x *= m)"
-                )
-        return result
-
-    def _where(self, e):
-        frames = [fr for fr in traceback.extract_tb(e.__traceback__) if os.path.basename(fr.filename) == self.file]
-        return f" (line {frames[-1].lineno} of {self.file})" if frames else ""
 
 
 # ----------------------------------------------------------------------------
