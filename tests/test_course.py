@@ -158,15 +158,17 @@ BUGS = {
 # issue 21: each check with a bug that it alone must see, so that weakening the check fails a test:
 # (check, file, the solution's line, the student's line, a word of that check's hint)
 OWN_BUGS = {
-    "E1.1": ("lora_layer.py", "    h = x2 @ W.T  #", "    h = x2 @ W.T + 1e-7  #", "max relative error"),
+    "E1.1": ("lora_layer.py", "    h = x2 @ np.asarray(W).T  #", "    h = x2 @ np.asarray(W).T + 1e-7  #",
+             "max relative error"),
     # a rate 12σ off: a check loosened to 60σ misses it
     "E1.4": ("lora_layer.py", "mask = (rng.random(x2.shape) >= dropout)",
              "mask = (rng.random(x2.shape) >= 1.15 * dropout)", "of the inputs"),
-    "E2.1": ("lora_layer.py", "    dx = g @ W  #", "    dx = g @ (W * (1 + 1e-4))  #", "finite differences"),
+    "E2.1": ("lora_layer.py", "    dx = g @ np.asarray(W)  #", "    dx = g @ (np.asarray(W) * (1 + 1e-4))  #",
+             "finite differences"),
     "E3.2": ("lora_adapters.py", "            adapters[name] = np.zeros(shape)",
              "            adapters[name] = np.zeros(shape)\n            adapters[name][0, 0] = 1e-3", "exactly 0"),
-    "E4.1": ("lora_adapters.py", "            merged[name] = params[name] + delta  # W' = W0 + s·B·A",
-             "            merged[name] = params[name] + delta  # W' = W0 + s·B·A\n"
+    "E4.1": ("lora_adapters.py", "            merged[name] = merged[name] + delta  # W' = W0 + s·B·A",
+             "            merged[name] = merged[name] + delta  # W' = W0 + s·B·A\n"
              "    merged['W_e'] = params['W_e'] * 1.5", "carries no adapter"),
     "E6.3": ("lora_finetune.py", "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)",
              "            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps) + lr * 1e-3 * (name[-1] == 'A')",

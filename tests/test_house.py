@@ -53,6 +53,19 @@ def layer_of(module):
     return module.split(".")[1]
 
 
+def resolve(target):
+    """The module a flat path of earlier versions stands for: lora_np.dora is lora_np.methods.dora
+    (lora_np/__init__.py keeps those paths for the library's layers, core to io)."""
+    parts = target.split(".")
+    if len(parts) < 2 or parts[1] in LAYERS or parts[1].startswith("__"):
+        return target
+    for layer in LAYERS[: LAYERS.index(ROOT_LAYER) + 1]:
+        moved = ".".join(["lora_np", layer, *parts[1:]])
+        if moved in MODULES or moved.rsplit(".", 1)[0] in MODULES:
+            return moved
+    return target
+
+
 def imports_of(module):
     """[(imported module, [names imported from it], line)] for every import of a lora_np module."""
     path = MODULES[module]
@@ -60,7 +73,7 @@ def imports_of(module):
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "lora_np"]
+            found += [(resolve(a.name), [], node.lineno) for a in node.names if a.name.split(".")[0] == "lora_np"]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
@@ -69,6 +82,7 @@ def imports_of(module):
                 target = node.module
             if target.split(".")[0] != "lora_np":
                 continue
+            target = resolve(target)
             names = [a.name for a in node.names]
             submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
             found += [(m, [], node.lineno) for m in submodules]

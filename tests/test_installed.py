@@ -82,7 +82,12 @@ def test_figures_read_the_files_they_are_told(installed, tmp_path):
     assert r.returncode == 2 and "section7_results.json" in r.stderr and "--results" in r.stderr, r.stderr
 
 
+# The grader locates its own code, never a data file: its worker script, run by path in a process of its
+# own, and lora_np itself, which the Gradescope zip carries.
+OWN_CODE = {"lora_np/course/sandbox.py", "lora_np/course/worker.py", "lora_np/course/platforms.py"}
+
+
 def test_nothing_is_located_through_the_package_path():
     # the way the studies used to find notebooks/: Path(__file__).resolve().parent.parent / "notebooks"
-    found = [str(p.relative_to(REPO)) for p in (REPO / "lora_np").rglob("*.py") if "__file__" in p.read_text()]
-    assert not found, found
+    found = {str(p.relative_to(REPO)) for p in (REPO / "lora_np").rglob("*.py") if "__file__" in p.read_text()}
+    assert found <= OWN_CODE, sorted(found - OWN_CODE)

@@ -34,7 +34,7 @@ import numpy as np
 from ..core.config import LoraConfig, ModelConfig
 from ..core.params import Params
 from . import given, wire
-from .student import Failure, _changed, _snapshot
+from .student import Failure, changed_path, snapshot
 
 CLASSES = {"LoraConfig": LoraConfig, "ModelConfig": ModelConfig, "Params": Params}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -265,7 +265,7 @@ class Sandbox:
 
     def _call(self, op, name, args, kwargs, *, handle=None, measure=False, refs=None, shown=None, expect_error=False):
         shown = shown or name
-        before = _snapshot({"args": list(args), "kwargs": kwargs})
+        before = snapshot({"args": list(args), "kwargs": kwargs})
         req = {"op": op, "name": name, "args": tuple(args), "kwargs": kwargs, "measure": measure,
                "refs": sorted(refs or {})}  # fmt: skip
         if handle is not None:
@@ -295,7 +295,7 @@ class Sandbox:
             raise Failure(f"{shown} raised {e['type']}: {self._plain(e['message'])[:200]}{where}")
         if op != "method":
             after = {"args": list(reply["args"]), "kwargs": reply["kwargs"]}
-            changed = _changed(before, after, "")
+            changed = changed_path(before, after, "")
             if changed:
                 raise Failure(f"{shown} changed its input {_name(changed, name)} in place; the caller still needs "
                               f"it: work on new arrays (x = x * m, not x *= m)")  # fmt: skip

@@ -18,17 +18,17 @@ class Failure(Exception):
     """A check failed. The message is the hint: what failed, on which shapes, by how much; never the fix."""
 
 
-def _snapshot(value):
+def snapshot(value):
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
+        return {k: snapshot(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_snapshot(v) for v in value]
+        return [snapshot(v) for v in value]
     return value  # configs are frozen, floats immutable; a Generator is meant to advance
 
 
-def _changed(before, after, path):
+def changed_path(before, after, path):
     """The path of the first input that differs from its snapshot, or None."""
     if isinstance(before, np.ndarray):
         same = (
@@ -42,7 +42,7 @@ def _changed(before, after, path):
         if set(before) != set(after):
             return path
         for k in before:
-            p = _changed(before[k], after[k], f"{path}[{k!r}]")
+            p = changed_path(before[k], after[k], f"{path}[{k!r}]")
             if p:
                 return p
         return None
@@ -50,7 +50,7 @@ def _changed(before, after, path):
         if len(before) != len(after):
             return path
         for i, (b, a) in enumerate(zip(before, after, strict=True)):
-            p = _changed(b, a, f"{path}[{i}]")
+            p = changed_path(b, a, f"{path}[{i}]")
             if p:
                 return p
     return None
