@@ -75,7 +75,7 @@ def demo_parser(prog):
 def run_demo(argv, prog):
     from .studies.demo import run
     from .studies.recipe import DemoConfig, cache_path
-    from .training.runset import OutputRefused
+    from .training.runset import OutputRefused, make_folder
     from .training.train import TrainingDiverged
 
     parser = demo_parser(prog)
@@ -96,6 +96,7 @@ def run_demo(argv, prog):
         parser.error(str(e))  # the API's own message, exit status 2, before any work
     try:  # a folder where the pretrained base goes: found before pretraining, not after
         check_out_file("--out's cache file", cache_path(cfg, Path(a.out) / "cache"), create_parents=True)
+        make_folder(a.out, "--out")  # the only test of a folder that cannot be created (/proc/lora)
     except ValueError as e:
         fail(prog, str(e))
     apply_threads(a.threads, cfg.model.d_model)

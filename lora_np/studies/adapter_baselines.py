@@ -92,7 +92,6 @@ def main(argv=None, prog="python -m lora_np adapters"):
                    help="redo one part and keep the other from the existing file (default: both)")  # fmt: skip
     add_threads_flag(p)
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
     try:  # before minutes of training, not after
         out = check_out_file("--out", a.out)
         check_out_dir("--cache-dir", a.cache_dir)
@@ -105,6 +104,7 @@ def main(argv=None, prog="python -m lora_np adapters"):
                 kept = kept_part(out, a.only)
             except ValueError as e:
                 fail(prog, str(e))
+        apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
         results = compare_on_demo(a.cache_dir) if a.only != "latency" else kept
         if a.only == "quality":
             results["latency"] = kept["latency"]

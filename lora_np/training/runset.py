@@ -94,6 +94,15 @@ def _remove(path):
         path.unlink()
 
 
+def make_folder(out, flag="--out"):
+    """Create the output folder `out` (and its parents) if missing; OutputRefused, one line, if it
+    cannot be (a path under /proc, a read-only file system: os.access cannot tell in advance)."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputRefused(f"{flag} {str(out)!r}: the folder cannot be created ({e.strerror or e})") from None
+
+
 class RunSet:
     """The output folder of a run, locked from the start; its files staged, then committed as one set.
 
@@ -119,10 +128,7 @@ class RunSet:
         self.out, self.members, self.flag = Path(out), dict(members), flag
         self.stage = self.out / STAGING
         self._fd = None
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputRefused(f"{flag} {str(out)!r}: the folder cannot be created ({e.strerror or e})") from None
+        make_folder(self.out, flag)
         for name, kind in self.members.items():
             p = self.out / name
             if (kind == "file" and p.is_dir()) or (kind == "folder" and p.exists() and not p.is_dir()):
