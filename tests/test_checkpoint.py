@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import time
 import zipfile
 
 import lora_np.checkpoint as ckpt

@@ -317,7 +317,8 @@ def test_bad_input_names_the_argument_the_value_and_what_is_allowed(call, error,
 
 @pytest.mark.parametrize(
     "D, H, L, M, V, T, B",
-    [(32, 4, 2, 128, 300, 16, 8), (64, 4, 2, 256, 500, 32, 16), (32, 2, 1, 128, 1000, 64, 4), (48, 4, 3, 192, 64, 48, 32)],
+    [(32, 4, 2, 128, 300, 16, 8), (64, 4, 2, 256, 500, 32, 16), (32, 2, 1, 128, 1000, 64, 4),
+     (48, 4, 3, 192, 64, 48, 32)],  # fmt: skip
 )
 def test_train_step_bytes_is_the_measured_peak_within_a_third(D, H, L, M, V, T, B):
     """The formula against tracemalloc (NumPy reports its allocations to it) over one LoRA step: forward,

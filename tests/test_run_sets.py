@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+
 from lora_np.studies import demo
 from lora_np.studies.recipe import DemoConfig, cache_path
 from lora_np.training.runset import COMMIT, STAGING, LockedFile, OutputBusy, OutputRefused, RunSet

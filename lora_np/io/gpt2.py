@@ -322,4 +322,3 @@ def save_gpt2(params, path, tokenizer=None):
         write_atomic(path / "vocab.json", lambda f: f.write(vocab.encode("utf-8")))
         write_atomic(path / "merges.txt", lambda f: f.write(text.encode("utf-8")))
     return path
-

@@ -22,7 +22,6 @@ from ..training.train import generate
 from .cli import check_out_dir, check_out_file
 from .recipe import DemoConfig, cache_path, finetune_full_and_lora, gap_closed, method_label
 
-
 DEMO_FILES = {"base.npz": "file", "full_finetuned.npz": "file", "adapter.npz": "file", "results.json": "file"}
 
 
@@ -39,7 +38,8 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print, flag="
     cfg.validate()
     out_dir = check_out_dir(flag, out_dir)  # before any work: a bad path is refused, not found at the end
     check_out_dir(f"{flag}'s cache folder", out_dir / "cache")
-    check_out_file(f"{flag}'s cache file", cache_path(cfg, out_dir / "cache"), create_parents=True)  # a folder there: before pretraining
+    # a folder where the pretrained base goes: found before pretraining, not after it
+    check_out_file(f"{flag}'s cache file", cache_path(cfg, out_dir / "cache"), create_parents=True)
     with RunSet(out_dir, DEMO_FILES, flag) as run_set:
         results = _run(cfg, out_dir, run_set.stage, use_cache, log)
         run_set.commit()
