@@ -265,3 +265,17 @@ def test_the_memory_guard_names_its_figures():
     with pytest.raises(ValueError, match=r"--batch-size 100000 with --block-size 48: a training step needs about "
                                          r"[\d,.]+ GiB .* more than the 1.0 GiB of memory available"):  # fmt: skip
         check_memory(cfg, 1000, 100_000, 48, np.float32, available=2**30)
+
+
+@pytest.mark.parametrize("command", ["adapters", "serving"])
+def test_adapters_and_serving_refuse_a_results_file_another_run_holds(tmp_path, capsys, command):
+    from lora_np.studies.adapter_baselines import main as adapters_main
+    from lora_np.studies.serving_study import main as serving_main
+
+    main = {"adapters": adapters_main, "serving": serving_main}[command]
+    out = tmp_path / "r.json"
+    with LockedFile(out), pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--threads", "1"], f"prog {command}")
+    assert e.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and "r.json' is in use by another run" in err
