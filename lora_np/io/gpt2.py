@@ -27,7 +27,9 @@ and the names map as follows. GPT-2 stores its projections as Conv1D modules, wh
 
 Loading maps the file: every weight of a float32 checkpoint is a read-only view into it
 (transposes and column blocks are views too), so loading 124M parameters costs no copy.
-That suits LoRA, which never writes a base weight. Full fine-tuning writes every weight and
+That suits LoRA, which never writes a base weight. Loading does read every page once, to refuse a
+weight holding NaN or infinity by its name (check_finite=False skips that, for a measurement of the
+mapping alone). Full fine-tuning writes every weight and
 has no tie in lora_np's model: `untie` gives it writable copies of every array, W_u a copy of
 W_e of its own, trained as its own matrix; save_gpt2 then writes it as lm_head.weight with the
 tie turned off.
@@ -163,8 +165,9 @@ def to_published(params):
     return w, tied
 
 
-def _weights(path, cfg, tied):
-    """The published weights of model.safetensors, checked against cfg, with the prefix dropped."""
+def _weights(path, cfg, tied, check_finite=True):
+    """The published weights of model.safetensors, checked against cfg (and, with check_finite, for
+    NaN and infinities: that reads every page of the file once), with the prefix dropped."""
     file = path / "model.safetensors"
     expected = _published_names(cfg, tied)
     arrays, _ = read_safetensors(file)  # mapped, not read: a buffer skipped below costs nothing
@@ -190,8 +193,8 @@ def _weights(path, cfg, tied):
             raise CheckpointError(f"{file}: {name} has shape {a.shape}, config.json says {shape}")
         if a.dtype not in (np.float32, np.float64):
             raise CheckpointError(f"{file}: {name} has dtype {a.dtype}; weights must be floating point")
-        finite = np.isfinite(a)  # reads the mapped file once; training would read it anyway
-        if not finite.all():
+        finite = np.isfinite(a) if check_finite else True  # reads the mapped file once; training would too
+        if not np.all(finite):
             bad = np.flatnonzero(~finite)
             raise CheckpointError(f"{file}: {name} holds {bad.size:,} NaN or infinite values (the first at flat "
                                   f"index {bad[0]}: {a.reshape(-1)[bad[0]]}); the weights are damaged")  # fmt: skip
@@ -247,23 +250,26 @@ def load_tokenizer(path, cfg):
     return tokenizer
 
 
-def load_weights(path, cfg, tied):
+def load_weights(path, cfg, tied, check_finite=True):
     """The Params of model.safetensors in a checked folder, for config cfg (load_config): every
-    weight checked for name, shape, dtype and finite values, CheckpointError naming the tensor."""
+    weight checked for name, shape, dtype and (unless check_finite is False: the check reads the
+    whole file, which a measurement of the mapping alone must not) finite values, CheckpointError
+    naming the tensor."""
     try:
-        weights = _weights(Path(path), cfg, tied)
+        weights = _weights(Path(path), cfg, tied, check_finite)
     except OSError as e:
         raise CheckpointError(f"{e.filename or Path(path) / 'model.safetensors'}: cannot be read "
                               f"({e.strerror or e})") from None  # fmt: skip
     return from_published(cfg, weights, tied)
 
 
-def load_gpt2(path):
+def load_gpt2(path, check_finite=True):
     """GPT-2 from a folder laid out as it is published: (Params, GPT2Tokenizer).
 
     Inputs:
     - path: the folder holding config.json, model.safetensors, vocab.json and merges.txt
       (any of GPT-2's sizes: 124M, 355M, 774M, 1.5B)
+    - check_finite: refuse a weight holding NaN or infinity, naming it (reads every page once)
 
     Returns:
     - params: Params, float32 (the file's dtype; F16 and BF16 are widened to float32), its
@@ -278,7 +284,7 @@ def load_gpt2(path):
     """
     path = check_folder(path)
     cfg, tied = load_config(path)
-    params = load_weights(path, cfg, tied)
+    params = load_weights(path, cfg, tied, check_finite)
     return params, load_tokenizer(path, cfg)
 
 
