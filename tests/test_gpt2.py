@@ -363,6 +363,7 @@ def test_a_rerun_replaces_the_whole_set_its_stale_peft_folder_too(small_run):
     assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
     r = gpt2_cli([*args, "--targets", "W_1"], tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "results.json, replacing the previous run" in r.stdout  # said, not silent
     assert json.loads((tmp_path / "run" / "results.json").read_text())["peft"] is None
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.npz", "results.json"]
 

@@ -61,7 +61,7 @@ def previous(tmp_path):
 def test_a_commit_replaces_the_set_whole_and_touches_nothing_else(previous):
     with RunSet(previous, MEMBERS) as run:
         write_set(run.stage, "new", peft=False)  # this run adapts no weight PEFT can hold: no peft/
-        run.commit()
+        assert run.commit() == sorted(MEMBERS)  # what it replaced, for the run to say so
     assert contents(previous) == {"adapter.npz": "adapter new", "results.json": '{"tag": "new"}',
                                   "cache/base-x.npz": "cached base", "notes.txt": "mine"}  # fmt: skip
     assert not (previous / "peft").exists() and not (previous / STAGING).exists()
@@ -91,6 +91,9 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(previous):
             RunSet(previous, MEMBERS).__enter__()
     with RunSet(previous, MEMBERS) as run:  # free again once the first is done
         run.commit()
+    fresh = previous.parent / "fresh"
+    with RunSet(fresh, MEMBERS) as run:
+        assert run.commit() == []  # a first run replaces nothing
 
 
 def test_a_killed_runs_staging_is_removed_at_once(previous):

@@ -42,8 +42,9 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print, flag="
     check_out_file(f"{flag}'s cache file", cache_path(cfg, out_dir / "cache"), create_parents=True)
     with RunSet(out_dir, DEMO_FILES, flag) as run_set:
         results = _run(cfg, out_dir, run_set.stage, use_cache, log)
-        run_set.commit()
+        replaced = run_set.commit()
     log(report(results, cfg))
+    log(f"\nwrote {', '.join(DEMO_FILES)} to {out_dir}{', replacing the previous run' if replaced else ''}")
     return results
 
 

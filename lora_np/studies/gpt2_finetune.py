@@ -119,10 +119,10 @@ def run(a, log=print, checked=None):
     lora, text = check_args(a) if checked is None else checked
     with RunSet(a.out, GPT2_FILES, "--out") as run_set:
         results = _run(a, lora, text, run_set.stage, log)
-        run_set.commit()
+        replaced = run_set.commit()
     out = Path(a.out)
     log(f"\nwrote {out / 'adapter.npz'}{', ' + str(out / 'peft') if results['peft'] else ''} and "
-        f"{out / 'results.json'}")  # fmt: skip
+        f"{out / 'results.json'}{', replacing the previous run' if replaced else ''}")  # fmt: skip
     return results
 
 

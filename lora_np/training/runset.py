@@ -153,7 +153,9 @@ class RunSet:
         return self
 
     def commit(self):
-        """Replace the previous set by the staged one: COMMIT written last, then the renames."""
+        """Replace the previous set by the staged one: COMMIT written last, then the renames.
+        Returns the members the previous set held (empty for a first run), for the run to say so."""
+        replaced = sorted(n for n in self.members if (self.out / n).exists() or (self.out / n).is_symlink())
         new = sorted(n for n in self.members if (self.stage / n).exists())
         text = json.dumps({"members": sorted(self.members), "new": new}).encode()
         tmp = self.stage / (COMMIT + ".tmp")
@@ -164,6 +166,7 @@ class RunSet:
         with _sigint_held():
             os.replace(tmp, self.stage / COMMIT)  # the commit point
             self._apply()
+        return replaced
 
     def _apply(self):
         """The renames COMMIT describes; idempotent, so a run killed halfway can be finished."""
