@@ -12,7 +12,7 @@ Read it in this order, each step adding one idea to the one before:
     5. core/lora.py       adapters: created (A random, B = 0), checked, merged (W' = W0 + s·B·A)
     6. core/gradcheck.py  finite differences, the judge of every backward
   Then, each layer building only on those before it:
-    7. training/   the data, AdamW, the training loop, checkpoints, counting, Section 7's measures
+    7. training/   the data, AdamW, the training loop, checkpoints, run sets, counting, Section 7's measures
     8. methods/    what came after LoRA (DoRA, VeRA, PiSSA, LoRA+, QLoRA's NF4 base) and the
                    adapter baselines it is measured against, each plugged into the core's one seam
                    (lora_np.core.lora.METHODS); serving many adapters in one batch (Section 4.2)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.config import LORA_TARGETS
-from .studies.cli import Parser, check_out_dir, fail
+from .studies.cli import Parser, check_out_dir, check_out_file, fail
 from .training.heap import keep_freed_memory
 from .training.threads import add_threads_flag, apply_threads
 
@@ -78,7 +78,8 @@ def demo_parser(prog):
 
 def run_demo(argv, prog):
     from .studies.demo import run
-    from .studies.recipe import DemoConfig
+    from .studies.recipe import DemoConfig, cache_path
+    from .training.runset import OutputRefused, make_folder
     from .training.train import TrainingDiverged
 
     parser = demo_parser(prog)
@@ -97,9 +98,16 @@ def run_demo(argv, prog):
         cfg.validate()
     except (ValueError, TypeError) as e:
         parser.error(str(e))  # the API's own message, exit status 2, before any work
+    try:  # a folder where the pretrained base goes: found before pretraining, not after
+        check_out_file("--out's cache file", cache_path(cfg, Path(a.out) / "cache"), create_parents=True)
+        make_folder(a.out, "--out")  # the only test of a folder that cannot be created (/proc/lora)
+    except ValueError as e:
+        fail(prog, str(e))
     apply_threads(a.threads, cfg.model.d_model)
     try:
-        run(cfg, out_dir=a.out, use_cache=not a.no_cache)
+        run(cfg, out_dir=a.out, use_cache=not a.no_cache, flag="--out")
+    except OutputRefused as e:  # --out cannot be created, or another run holds it: before any work
+        fail(prog, str(e))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -227,8 +235,19 @@ def run_course(argv, prog):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run one command; returns its exit status. Ctrl-C anywhere is one line and status 130 (128 +
+    SIGINT, as a shell reports it): every output is written as a set that replaces the previous one
+    whole (lora_np.training.runset) or by one rename (write_atomic), so an interrupted run leaves the
+    previous results as they were."""
     prog = "python -m lora_np"
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else list(argv), prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); earlier results were left as they were", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv, prog):
     keep_freed_memory()  # every command allocates the same temporaries step after step (lora_np/heap.py)
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
                 "course": run_course, "gpt2": run_gpt2, "successors": run_successors, "adapters": run_adapters,

@@ -1,10 +1,10 @@
 """Files on disk: round trips, every invalid file's error, random bytes, interrupted writes."""
 
+import fcntl
 import io
 import json
 import os
 import re
-import time
 import zipfile
 
 import lora_np.checkpoint as ckpt
@@ -351,23 +351,32 @@ def test_an_interrupt_during_the_write_removes_the_temporary_file(saved, monkeyp
     assert _temp_names(d) == []
 
 
-def test_stale_temporaries_of_the_same_target_are_removed(tmp_path, monkeypatch):
+def test_a_killed_saves_temporary_is_removed_at_once_and_a_live_ones_kept(tmp_path, monkeypatch):
     """A save killed by SIGKILL leaves its temporary file; the next save of the same target removes
-    it once it is an hour old (younger ones may be another save in progress), and never touches
-    another target's temporaries."""
+    it at once, however young, because no live process holds its flock. A temporary file whose flock
+    is held is a save in progress and stays; another target's temporaries and look-alikes too."""
     name = _capture_temp_name(monkeypatch, tmp_path / "base.npz")
     other = _capture_temp_name(monkeypatch, tmp_path / "other.npz")
-    hour_ago = time.time() - ckpt.STALE_SECONDS - 60
-    stale = tmp_path / (name[:-12] + "killed01.tmp")
-    fresh = tmp_path / (name[:-12] + "running1.tmp")
-    stale_other = tmp_path / (other[:-12] + "killed02.tmp")
+    killed = tmp_path / (name[:-12] + "killed01.tmp")  # written a moment ago: no hour to wait
+    running = tmp_path / (name[:-12] + "running1.tmp")
+    killed_other = tmp_path / (other[:-12] + "killed02.tmp")
     lookalike = tmp_path / ".base.npz.tmp"  # not of lora_np's pattern: never ours to remove
-    for p in (stale, fresh, stale_other, lookalike):
+    for p in (killed, running, killed_other, lookalike):
         p.write_bytes(b"half a save")
-    for p in (stale, stale_other, lookalike):
-        os.utime(p, (hour_ago, hour_ago))
-    save_params(tmp_path / "base.npz", init_params(CFG, 0))
-    assert _temp_names(tmp_path) == sorted([fresh.name, stale_other.name, lookalike.name])
+    held = os.open(running, os.O_RDONLY)  # another open file: flock sees it as another writer
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        save_params(tmp_path / "base.npz", init_params(CFG, 0))
+    finally:
+        os.close(held)
+    assert _temp_names(tmp_path) == sorted([running.name, killed_other.name, lookalike.name])
+
+
+def test_write_atomic_onto_a_folder_is_a_value_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        ckpt.write_atomic(tmp_path / "d", lambda f: f.write(b"x"))
+    assert _temp_names(tmp_path) == []
 
 
 def test_resaving_keeps_the_permission_bits_of_the_existing_file(saved):

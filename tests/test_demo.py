@@ -25,6 +25,7 @@ def test_demo_runs_and_prints_its_table(tmp_path):
     # a second run reuses the cached base, checked by its fingerprint
     r2 = run("--steps", "3", "--pretrain-steps", "3", "--out", str(out), cwd=tmp_path)
     assert "reusing the pretrained base model" in r2.stdout
+    assert f"to {out}, replacing the previous run" in r2.stdout and "replacing" not in r.stdout  # never silently
     assert json.loads((out / "results.json").read_text())["rows"]["lora"]["new"] == res["rows"]["lora"]["new"]
 
 

@@ -8,6 +8,7 @@ sharing no code with lora_np's model.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -199,12 +200,23 @@ def test_a_head_equal_to_wte_is_saved_tied_though_it_is_another_array(tmp_path):
         ({"n_head": 3}, "divisible"),
         ({"n_layer": DROP}, "n_layer"),
         ({"tie_word_embeddings": False}, "lm_head.weight"),
+        ({"n_layer": True}, "n_layer = True: must be an integer >= 1"),  # JSON's true is no layer count
+        ({"n_inner": True}, "n_inner"),
     ],
 )
 def test_another_architecture_is_refused_naming_the_field(tmp_path, changes, field):
     path = checkpoint(tmp_path / "m", published(np.random.default_rng(4)), config_json(**changes))
     with pytest.raises(CheckpointError, match=field):
         load_gpt2(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_weight_that_is_not_finite_is_refused_naming_the_file_and_tensor(tmp_path, value):
+    w = published(np.random.default_rng(5), dtype=np.float32)
+    w["h.1.mlp.c_fc.weight"][2, 5] = value
+    with pytest.raises(CheckpointError, match=r"model.safetensors: h\.1\.mlp\.c_fc\.weight holds 1 NaN or infinite "
+                                              r"values \(the first at flat index 69: -?(nan|inf)\)"):  # fmt: skip
+        load_gpt2(checkpoint(tmp_path / "m", w))
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
@@ -336,6 +348,126 @@ def test_the_gpt2_command_fine_tunes_and_writes_its_results(tmp_path):
     assert res["trainable"] == L * 2 * 8 * (D + D) and res["val_loss_after"] < res["val_loss_before"]
     assert (out / "adapter.npz").is_file() and (out / "peft" / "adapter_config.json").is_file()
     assert "validation loss" in r.stdout and "sample after" in r.stdout
+
+
+def gpt2_cli(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lora_np", "gpt2", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """A small GPT-2 folder, a text to fine-tune on, and the arguments of a run of a few steps."""
+    weights = checkpoint(tmp_path / "gpt2", published(np.random.default_rng(10), dtype=np.float32))
+    (tmp_path / "data.txt").write_text("the tea is in the pot. " * 200, encoding="utf-8")
+    args = ["--weights", str(weights), "--data", str(tmp_path / "data.txt"), "--steps", "2", "--block-size", "8",
+            "--batch-size", "2", "--new-tokens", "4", "--threads", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    return tmp_path, args
+
+
+def one_line(r):
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_a_rerun_replaces_the_whole_set_its_stale_peft_folder_too(small_run):
+    """Issue 21, item 1: a run adapting W_1 (which PEFT's c_attn cannot hold) after one adapting W_q, W_v."""
+    tmp_path, args = small_run
+    assert gpt2_cli(args, tmp_path).returncode == 0
+    assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
+    r = gpt2_cli([*args, "--targets", "W_1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "results.json, replacing the previous run" in r.stdout  # said, not silent
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["peft"] is None
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.npz", "results.json"]
+
+
+@pytest.mark.parametrize("name, kind", [("results.json", "folder"), ("adapter.npz", "folder"), ("peft", "file")])
+def test_an_output_name_taken_by_the_wrong_kind_is_refused_before_training(small_run, name, kind):
+    tmp_path, args = small_run
+    taken = tmp_path / "run" / name
+    taken.mkdir(parents=True) if kind == "folder" else (taken.parent.mkdir(), taken.write_text("in the way"))
+    r = gpt2_cli(args, tmp_path)
+    assert r.returncode == 2 and f"'{taken}' is a {kind}, where the run writes its {name}" in one_line(r)
+    assert "validation loss" not in r.stdout  # refused before the model was even loaded
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [name]
+
+
+def test_the_data_is_read_before_the_model(small_run):
+    """A non-UTF-8 --data beside a truncated model.safetensors: the data's error, found first."""
+    tmp_path, args = small_run
+    (tmp_path / "data.txt").write_bytes(b"the tea\nis caf\x9d. " * 50)
+    with open(tmp_path / "gpt2" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    r = gpt2_cli(args, tmp_path)
+    assert r.returncode == 2
+    assert one_line(r) == (f"python -m lora_np gpt2: error: --data '{tmp_path / 'data.txt'}', line 2: not UTF-8 text "
+                           f"(invalid start byte at byte 14)")  # fmt: skip
+
+
+def test_a_prompt_that_is_not_utf8_is_named(small_run):
+    tmp_path, args = small_run
+    r = gpt2_cli([*args, "--prompt", "caf\udc9d"], tmp_path)  # the byte 0x9d on the command line
+    assert r.returncode == 2
+    assert one_line(r) == "python -m lora_np gpt2: error: --prompt is not UTF-8 text (a byte b'\\x9d' at position 3)"
+
+
+@pytest.mark.parametrize("name", ["config.json", "vocab.json", "merges.txt", "model.safetensors", "--data", "folder"])
+def test_an_unreadable_file_or_folder_is_one_line_naming_it(small_run, monkeypatch, capsys, name):
+    """Issue 21, item 7. Permission bits cannot refuse root, so the refusal is simulated where every read
+    starts (open, and os.stat for a folder that cannot be entered) with the error the kernel gives."""
+    import builtins
+    import io
+
+    from lora_np.studies.gpt2_finetune import main
+
+    tmp_path, args = small_run
+    denied = {"--data": tmp_path / "data.txt", "folder": tmp_path / "gpt2"}.get(name, tmp_path / "gpt2" / name)
+    real_open, real_stat = builtins.open, os.stat
+
+    def refuse(path):
+        p = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
+        # a folder without its x bit can itself be looked at, not its entries
+        if (name != "folder" and p == str(denied)) or (name == "folder" and p and os.path.dirname(p) == str(denied)):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+
+    def open_(file, *a, **k):
+        refuse(file)
+        return real_open(file, *a, **k)
+
+    def stat_(path, *a, **k):
+        if name == "folder":
+            refuse(path)
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "stat", stat_)
+    try:
+        status = main(args)
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert status == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    words = {"--data": f"--data '{denied}' cannot be read (Permission denied)",
+             "folder": f"{denied}: the folder cannot be entered (Permission denied)"}  # fmt: skip
+    assert words.get(name, f"{denied}: cannot be read (Permission denied)") in err, err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_batch_that_cannot_fit_is_refused_naming_the_figures(small_run, monkeypatch, capsys):
+    import lora_np.studies.gpt2_finetune as command
+
+    tmp_path, args = small_run
+    monkeypatch.setattr(command, "available_bytes", lambda: 2**20)  # a machine with 1 MiB to spare
+    assert command.main([*args, "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 64 with --block-size 8: a training step needs about 0.0 GiB" in err
+    assert "more than the 0.0 GiB of memory available; lower --batch-size" in err
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,9 @@ MISUSES = [
     (["gpt2", "--weights", "{D}", "--data", "{F}", "--out", ""], "--out must be a folder path"),
     (["gpt2", "bench", "--quick", "--threads", "1", "--out", "{D}"], "is a folder; it must be a file path"),
     (["gpt2", "bench", "--quick", "--threads", "1", "--out", "{F}/x.json"], "is not a folder"),
+    # a folder that cannot be created, though its parent is writable (for root, too): issue 21, item 8
+    (["--out", "/proc/lora", *TINY], "--out '/proc/lora': the folder cannot be created"),
+    (["gpt2", "--weights", "{D}", "--data", "{F}", "--out", "/proc/lora"], "the folder cannot be created"),
 ]
 if not ROOT:  # root can write anywhere: the cases below a regular file cover it
     MISUSES.append((["--out", "{R}/run", *TINY], "is not writable"))

@@ -237,3 +237,13 @@ def test_a_compressed_member_is_refused_before_any_data_is_read(files, monkeypat
     monkeypatch.setattr(zipfile.ZipFile, "open", no_reading)
     with pytest.raises(CheckpointError, match=r"is compressed \(deflated\)"):
         load_params(files / "base.npz")
+
+
+def test_write_safetensors_onto_a_folder_raises_the_documented_value_error(tmp_path):
+    """Issue 21, item 8: a folder where the file goes is a bad path, a ValueError naming it, and nothing is written."""
+    from lora_np.io.safetensors import write_safetensors
+
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(ValueError, match="model.safetensors' is a folder"):
+        write_safetensors(tmp_path / "model.safetensors", {"a": np.zeros(2)})
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

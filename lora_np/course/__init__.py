@@ -14,16 +14,20 @@ notebooks/COURSE.md is the instructor's guide.
 
 import os
 
+from ..studies.cli import Parser, check_out_dir, fail
+from .grade import check as _check
+from .grade import main as grade_main
+from .make import make
+from .platforms import gradescope_zip, nbgrader_course
+
 
 def check(*ids, directory="."):
     """Grade some exercises of the handout in `directory` (for the notebooks): check("E1")."""
-    from .grade import check as _check
 
     return _check(*ids, directory=directory)
 
 
 def main(argv, prog="python -m lora_np course"):
-    from ..studies.cli import Parser
 
     commands = {"make": _make, "grade": _grade}
     if not argv or argv[0] not in commands:
@@ -34,9 +38,6 @@ def main(argv, prog="python -m lora_np course"):
 
 
 def _make(argv, prog):
-    from ..studies.cli import Parser, check_out_dir, fail
-    from .make import make
-    from .platforms import gradescope_zip, nbgrader_course
 
     p = Parser(prog=prog, description="Write the course handout (exercises with blanks).")
     p.add_argument("dir", help="folder to write (created if missing; existing exercise files are never replaced)")
@@ -77,6 +78,5 @@ def _make(argv, prog):
 
 
 def _grade(argv, prog):
-    from .grade import main as grade_main
 
     return grade_main(argv, prog)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ..studies.cli import Parser, check_out_file
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
+from .checks import CHECKS
 from .exercises import BY_ID, EXERCISES, FILES
 from .sandbox import Sandbox, TimeUp
 from .student import Failure
@@ -49,7 +50,6 @@ class Result:
 
 
 def _checks(ex_id):
-    from .checks import CHECKS
 
     return CHECKS[ex_id]
 

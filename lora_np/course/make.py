@@ -19,8 +19,10 @@ import json
 import os
 import textwrap
 
+from ..figures.diagrams import save_diagrams
 from ..training.checkpoint import write_atomic
 from .exercises import EXERCISES, FILES, TOTAL_POINTS, exercises_in
+from .notebooks import NOTEBOOKS
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")  # nbgrader's default stubs
@@ -153,7 +155,6 @@ def check_out_dir(out_dir, force):
 
 
 def _notebook_names():
-    from .notebooks import NOTEBOOKS
 
     return NOTEBOOKS
 
@@ -164,8 +165,6 @@ def make(out_dir, solutions=False, force=False):
     Everything is generated in memory first and each file is written atomically, so a refused
     or failed make leaves no half-written exercise behind.
     """
-    from ..figures.diagrams import save_diagrams
-    from .notebooks import NOTEBOOKS
 
     out_dir = check_out_dir(out_dir, force)
     texts = {f.name: exercise_file(f, solutions) for f in FILES}

@@ -27,7 +27,9 @@ and the names map as follows. GPT-2 stores its projections as Conv1D modules, wh
 
 Loading maps the file: every weight of a float32 checkpoint is a read-only view into it
 (transposes and column blocks are views too), so loading 124M parameters costs no copy.
-That suits LoRA, which never writes a base weight. Full fine-tuning writes every weight and
+That suits LoRA, which never writes a base weight. Loading does read every page once, to refuse a
+weight holding NaN or infinity by its name (check_finite=False skips that, for a measurement of the
+mapping alone). Full fine-tuning writes every weight and
 has no tie in lora_np's model: `untie` gives it writable copies of every array, W_u a copy of
 W_e of its own, trained as its own matrix; save_gpt2 then writes it as lm_head.weight with the
 tie turned off.
@@ -57,6 +59,7 @@ MUST_BE = {  # field: (the value GPT-2 has, what another value would change)
     "reorder_and_upcast_attn": (False, "the order of attention's products"),
     "add_cross_attention": (False, "cross-attention blocks (an encoder-decoder)"),
 }
+FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # the published layout
 PREFIX = "transformer."
 BUFFERS = ("attn.bias", "attn.masked_bias")
 
@@ -72,8 +75,8 @@ def model_config(cfg_json, path="config.json"):
         raise CheckpointError(f"{path}: must hold a JSON object, got {type(cfg_json).__name__}")
     if cfg_json.get("model_type", "gpt2") != "gpt2":
         raise bad("model_type", "lora_np loads GPT-2 checkpoints only (model_type 'gpt2')")
-    for field in REQUIRED:
-        if not (isinstance(cfg_json.get(field), int) and cfg_json[field] >= 1):
+    for field in REQUIRED:  # JSON's true is a Python int too: refused by name, not by a TypeError later
+        if not (_is_int(cfg_json.get(field)) and cfg_json[field] >= 1):
             raise bad(field, "must be an integer >= 1")
     act = cfg_json.get("activation_function", "gelu_new")
     if act not in TANH_GELUS:
@@ -83,7 +86,7 @@ def model_config(cfg_json, path="config.json"):
         if got != value or type(got) is not type(value):
             raise bad(field, f"GPT-2 has {value!r}; another value changes {what}")
     n_inner = cfg_json.get("n_inner")
-    if n_inner is not None and not (isinstance(n_inner, int) and n_inner >= 1):
+    if n_inner is not None and not (_is_int(n_inner) and n_inner >= 1):
         raise bad("n_inner", "must be null (4·n_embd) or an integer >= 1")
     tied = cfg_json.get("tie_word_embeddings", True)
     if not isinstance(tied, bool):
@@ -95,6 +98,10 @@ def model_config(cfg_json, path="config.json"):
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return cfg, tied
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _published_names(cfg, tied):
@@ -158,8 +165,9 @@ def to_published(params):
     return w, tied
 
 
-def _weights(path, cfg, tied):
-    """The published weights of model.safetensors, checked against cfg, with the prefix dropped."""
+def _weights(path, cfg, tied, check_finite=True):
+    """The published weights of model.safetensors, checked against cfg (and, with check_finite, for
+    NaN and infinities: that reads every page of the file once), with the prefix dropped."""
     file = path / "model.safetensors"
     expected = _published_names(cfg, tied)
     arrays, _ = read_safetensors(file)  # mapped, not read: a buffer skipped below costs nothing
@@ -185,44 +193,99 @@ def _weights(path, cfg, tied):
             raise CheckpointError(f"{file}: {name} has shape {a.shape}, config.json says {shape}")
         if a.dtype not in (np.float32, np.float64):
             raise CheckpointError(f"{file}: {name} has dtype {a.dtype}; weights must be floating point")
+        finite = np.isfinite(a) if check_finite else True  # reads the mapped file once; training would too
+        if not np.all(finite):
+            bad = np.flatnonzero(~finite)
+            raise CheckpointError(f"{file}: {name} holds {bad.size:,} NaN or infinite values (the first at flat "
+                                  f"index {bad[0]}: {a.reshape(-1)[bad[0]]}); the weights are damaged")  # fmt: skip
     dtypes = {weights[n].dtype for n in expected}
     if len(dtypes) > 1:  # F16/BF16 arrive widened to float32; mixing F32 and F64 is not a GPT-2 file
         raise CheckpointError(f"{file}: weights mix dtypes {sorted(map(str, dtypes))}")
     return weights
 
 
-def load_gpt2(path):
+def check_folder(path):
+    """The folder of a published GPT-2, checked: it can be entered and holds the four files, each a
+    readable file. CheckpointError naming the folder or the file otherwise. Returns a Path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder; point at the folder holding GPT-2's config.json, "
+                              f"model.safetensors, vocab.json and merges.txt")  # fmt: skip
+    try:
+        missing = [f for f in FILES if not (path / f).is_file()]
+    except OSError as e:  # a folder without the x bit: its entries cannot even be looked at
+        raise CheckpointError(f"{path}: the folder cannot be entered ({e.strerror or e})") from None
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)} (GPT-2's published layout)")
+    for f in FILES:  # os.access is True for root everywhere: opening is the test that holds for everyone
+        try:
+            open(path / f, "rb").close()
+        except OSError as e:
+            raise CheckpointError(f"{path / f}: cannot be read ({e.strerror or e})") from None
+    return path
+
+
+def load_config(path):
+    """(ModelConfig, tied) from the config.json of a checked folder (check_folder)."""
+    file = Path(path) / "config.json"
+    try:
+        cfg_json = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+    return model_config(cfg_json, file)
+
+
+def load_tokenizer(path, cfg):
+    """The GPT2Tokenizer of vocab.json and merges.txt in a checked folder, for a model of config cfg."""
+    path = Path(path)
+    try:
+        tokenizer = GPT2Tokenizer.from_files(path / "vocab.json", path / "merges.txt")
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or path}: cannot be read ({e.strerror or e})") from None
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{path}: vocab.json has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocab_size {cfg.vocab_size}")  # fmt: skip
+    return tokenizer
+
+
+def load_weights(path, cfg, tied, check_finite=True):
+    """The Params of model.safetensors in a checked folder, for config cfg (load_config): every
+    weight checked for name, shape, dtype and (unless check_finite is False: the check reads the
+    whole file, which a measurement of the mapping alone must not) finite values, CheckpointError
+    naming the tensor."""
+    try:
+        weights = _weights(Path(path), cfg, tied, check_finite)
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or Path(path) / 'model.safetensors'}: cannot be read "
+                              f"({e.strerror or e})") from None  # fmt: skip
+    return from_published(cfg, weights, tied)
+
+
+def load_gpt2(path, check_finite=True):
     """GPT-2 from a folder laid out as it is published: (Params, GPT2Tokenizer).
 
     Inputs:
     - path: the folder holding config.json, model.safetensors, vocab.json and merges.txt
       (any of GPT-2's sizes: 124M, 355M, 774M, 1.5B)
+    - check_finite: refuse a weight holding NaN or infinity, naming it (reads every page once)
 
     Returns:
     - params: Params, float32 (the file's dtype; F16 and BF16 are widened to float32), its
       arrays read-only views into the mapped file; W_u is W_e (the tie), unless the file
       holds an untied lm_head.weight
     - tokenizer: GPT2Tokenizer from vocab.json and merges.txt
+
+    Every way the folder can fail (a file missing, unreadable, malformed; a weight NaN or
+    infinite) is a CheckpointError naming the file, and the tensor where there is one. The steps,
+    check_folder, load_config, load_tokenizer and load_weights, are public for a caller that needs
+    the tokenizer before the weights (the gpt2 command tokenizes its data first).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder; point at the folder holding GPT-2's config.json, "
-                              f"model.safetensors, vocab.json and merges.txt")  # fmt: skip
-    missing = [f for f in ("config.json", "model.safetensors", "vocab.json", "merges.txt") if not (path / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: missing {', '.join(missing)} (GPT-2's published layout)")
-    try:
-        cfg_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not JSON ({e})") from None
-    cfg, tied = model_config(cfg_json, path / "config.json")
-    weights = _weights(path, cfg, tied)
-    params = from_published(cfg, weights, tied)
-    tokenizer = GPT2Tokenizer.from_files(path / "vocab.json", path / "merges.txt")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{path}: vocab.json has {tokenizer.vocab_size} tokens, more than the model's "
-                              f"vocab_size {cfg.vocab_size}")  # fmt: skip
-    return params, tokenizer
+    path = check_folder(path)
+    cfg, tied = load_config(path)
+    params = load_weights(path, cfg, tied, check_finite)
+    return params, load_tokenizer(path, cfg)
 
 
 def untie(params):
@@ -265,4 +328,3 @@ def save_gpt2(params, path, tokenizer=None):
         write_atomic(path / "vocab.json", lambda f: f.write(vocab.encode("utf-8")))
         write_atomic(path / "merges.txt", lambda f: f.write(text.encode("utf-8")))
     return path
-

@@ -282,7 +282,7 @@ def write_safetensors(path, arrays, metadata=None):
     """Write a dict name -> np.ndarray as a safetensors file at `path`, atomically.
 
     Inputs:
-    - path: the file to create or replace (its folder must exist)
+    - path: the file to create or replace (its folder must exist; a folder at path is a ValueError)
     - arrays: dict name -> np.ndarray of float64/32/16, int64/32/16/8, uint8 or bool, written
       in the dict's order as C-order little-endian bytes
     - metadata: None or a dict str -> str, stored as "__metadata__"

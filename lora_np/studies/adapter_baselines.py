@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..studies.cli import Parser, check_out_dir, check_out_file, fail
-from ..studies.latency import LATENCY_MODEL, latency_table, measure_latency
-from ..studies.successors import (
+from ..training.checkpoint import write_atomic
+from ..training.threads import add_threads_flag, apply_threads
+from .cli import Parser, check_out_dir, check_out_file, fail, lock_output
+from .latency import LATENCY_MODEL, latency_table, measure_latency
+from .recipe import DemoConfig
+from .results import check_command, read_checked, read_json_object
+from .successors import (
     SuccessorsConfig,
     compare_methods,
 )
-from ..training.checkpoint import write_atomic
-from ..training.threads import add_threads_flag, apply_threads
-from .recipe import DemoConfig
-from .results import check_command, read_checked
 
 # ----------------------------------------------------------------------------
 # quality on the demo task, beside LoRA and full fine-tuning (notebook 08 reads the file)
@@ -67,12 +67,13 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
     return results
 
 
-def load_results(path=DEFAULT_RESULTS):
+def load_results(path=DEFAULT_RESULTS, need_latency=True):
     """The results file, after checking that its quality runs were made with the code's configuration
     and that it holds a latency measurement (lora_np.studies.latency). ValueError says how to remake it."""
 
     results, fix = read_checked(path, json.loads(json.dumps(_quality_config())), FORMAT_VERSION, COMMAND)
-    if set(results.get("runs", {})) != set(QUALITY_METHODS) or "latency" not in results:
+    runs = results.get("runs")
+    if not isinstance(runs, dict) or set(runs) != set(QUALITY_METHODS) or (need_latency and "latency" not in results):
         raise ValueError(f"{path} does not hold every method of {list(QUALITY_METHODS)} and a latency run; {fix}")
     return results
 
@@ -94,27 +95,45 @@ def main(argv=None, prog="python -m lora_np adapters"):
     a = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if a.check:
         return check_command(a.out, load_results)
-    apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
     try:  # before minutes of training, not after
         out = check_out_file("--out", a.out)
         check_out_dir("--cache-dir", a.cache_dir)
     except ValueError as e:
         fail(prog, str(e))
-    old = {}
-    if a.only is not None:
-        if not out.exists():
-            fail(prog, f"--only {a.only} keeps the other part from {out}, which does not exist; run without --only")
-        old = json.loads(out.read_text())
-    results = compare_on_demo(a.cache_dir) if a.only != "latency" else {k: v for k, v in old.items() if k != "latency"}
-    if a.only == "quality":
-        results["latency"] = old["latency"]
-    else:
-        results["latency"] = measure_latency(log=print)
-        print(latency_table(results["latency"]))
-    text = (json.dumps(results, indent=1) + "\n").encode()
-    write_atomic(out, lambda f: f.write(text))
+    with lock_output(prog, out):  # held from before the first check of the kept part to the write
+        kept = {}
+        if a.only is not None:
+            try:  # the part --only keeps, checked now: not after minutes of work
+                kept = kept_part(out, a.only)
+            except ValueError as e:
+                fail(prog, str(e))
+        apply_threads(a.threads, LATENCY_MODEL.d_model)  # the policy: one thread below d_model 512, as the demo's
+        results = compare_on_demo(a.cache_dir) if a.only != "latency" else kept
+        if a.only == "quality":
+            results["latency"] = kept["latency"]
+        else:
+            results["latency"] = measure_latency(log=print)
+            print(latency_table(results["latency"]))
+        text = (json.dumps(results, indent=1) + "\n").encode()
+        write_atomic(out, lambda f: f.write(text))
     print(f"wrote {out}")
     return 0
+
+
+def kept_part(path, only):
+    """What `adapters --only ONLY` keeps from the existing results file: its latency measurement
+    (only = "quality") or its quality runs, checked against the code's configuration (only =
+    "latency"). ValueError naming the file and what it lacks, so that nothing is redone in vain."""
+
+    fix = f"run `{COMMAND}` without --only"
+    if only == "latency":
+        results = load_results(path, need_latency=False)
+        return {k: v for k, v in results.items() if k != "latency"}
+    results = read_json_object(path, f"--only {only} keeps its latency measurement; {fix}")
+    latency = results.get("latency")
+    if not isinstance(latency, dict) or not latency:
+        raise ValueError(f"{path} holds no latency measurement for --only {only} to keep; {fix}")
+    return {"latency": latency}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..training.runset import LockedFile, OutputRefused
 from ..training.threads import add_threads_flag, apply_threads
 from .results import check_command
 
@@ -79,7 +80,6 @@ def results_command(argv, prog, description, *, default_out, default_cache, chec
 
     Returns the exit status: 0, or 1 when --check finds the file does not fit.
     """
-
     p = Parser(prog=prog, description=description)
     p.add_argument("--out", default=str(default_out), help=f"results file (default {default_out})")
     p.add_argument("--cache-dir", default=default_cache, help=f"the pretrained base's cache (default {default_cache})")
@@ -94,5 +94,15 @@ def results_command(argv, prog, description, *, default_out, default_cache, chec
     except ValueError as e:
         fail(prog, str(e))
     apply_threads(a.threads, d_model)
-    print(run(a.cache_dir, out))
+    with lock_output(prog, out):  # another run writing the same file is refused, not silently replaced
+        print(run(a.cache_dir, out))
     return 0
+
+
+def lock_output(prog, path):
+    """The lock of the results file `path` (lora_np.training.runset.LockedFile), held by a with-block;
+    another run holding it is one line on stderr and exit status 2, before any work."""
+    try:
+        return LockedFile(path)
+    except OutputRefused as e:
+        fail(prog, str(e))

@@ -17,21 +17,38 @@ from ..core.model import model_forward
 from ..methods.adapters import ADAPTER_METHODS
 from ..training.checkpoint import save_adapters, save_params, write_atomic
 from ..training.data import decode, encode, eval_windows
+from ..training.runset import RunSet
 from ..training.train import generate
-from .cli import check_out_dir
-from .recipe import DemoConfig, finetune_full_and_lora, gap_closed, method_label
+from .cli import check_out_dir, check_out_file
+from .recipe import DemoConfig, cache_path, finetune_full_and_lora, gap_closed, method_label
+
+DEMO_FILES = {"base.npz": "file", "full_finetuned.npz": "file", "adapter.npz": "file", "results.json": "file"}
 
 
-def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
+def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print, flag="out_dir"):
     """Run the demo; returns a dict of every number it reports (also written to results.json).
 
     Files in out_dir: cache/base-<key>.npz (the pretrained base, reused by later runs with
-    the same pretraining settings), base.npz, full_finetuned.npz, adapter.npz, results.json.
-    A run that diverges raises TrainingDiverged before writing any of its results.
+    the same pretraining settings), and the run's set, DEMO_FILES: base.npz, full_finetuned.npz,
+    adapter.npz, results.json. The set replaces the previous run's whole, or not at all
+    (lora_np.training.runset): out_dir is locked from the start, so a second run on it is refused
+    (OutputBusy) before any work, and a run that diverges (TrainingDiverged) or is interrupted
+    leaves the previous set as it was. `flag` is how errors name out_dir (the CLI's "--out").
     """
     cfg.validate()
-    out_dir = check_out_dir("out_dir", out_dir)  # before any work: a bad path is refused, not found at the end
-    check_out_dir("out_dir's cache folder", out_dir / "cache")
+    out_dir = check_out_dir(flag, out_dir)  # before any work: a bad path is refused, not found at the end
+    check_out_dir(f"{flag}'s cache folder", out_dir / "cache")
+    # a folder where the pretrained base goes: found before pretraining, not after it
+    check_out_file(f"{flag}'s cache file", cache_path(cfg, out_dir / "cache"), create_parents=True)
+    with RunSet(out_dir, DEMO_FILES, flag) as run_set:
+        results = _run(cfg, out_dir, run_set.stage, use_cache, log)
+        replaced = run_set.commit()
+    log(report(results, cfg))
+    log(f"\nwrote {', '.join(DEMO_FILES)} to {out_dir}{', replacing the previous run' if replaced else ''}")
+    return results
+
+
+def _run(cfg, out_dir, stage, use_cache, log):
     runs = finetune_full_and_lora(cfg, out_dir / "cache", log, reuse=use_cache)  # may raise TrainingDiverged
     base, full, adapters, lora, val = runs["base"], runs["full"], runs["adapters"], runs["lora"], runs["val"]
     lora_base = runs["lora_base"]  # the base the adapters were trained on (PiSSA's residual, QLoRA's 4-bit copy)
@@ -61,11 +78,10 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
         "full": decode(generate(full, prompt, 120, seed=cfg.seed)),
         "lora": decode(generate(lora_base, prompt, 120, adapters, lora, seed=cfg.seed)),
     }
-    # Everything is computed; only now are files written, so a run that fails writes none of them.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows["full"]["file"] = save_params(out_dir / "full_finetuned.npz", full).stat().st_size
-    rows["lora"]["file"] = save_adapters(out_dir / "adapter.npz", adapters, lora, lora_base).stat().st_size
-    rows["base"]["file"] = save_params(out_dir / "base.npz", base).stat().st_size
+    # Everything is computed; only now are files written, into the staging folder of the run's set.
+    rows["full"]["file"] = save_params(stage / "full_finetuned.npz", full).stat().st_size
+    rows["lora"]["file"] = save_adapters(stage / "adapter.npz", adapters, lora, lora_base).stat().st_size
+    rows["base"]["file"] = save_params(stage / "base.npz", base).stat().st_size
     results = {
         "config": {**{k: v for k, v in vars(cfg).items() if k != "model"}, "model": vars(cfg.model)},
         "total_params": runs["total_params"],
@@ -77,8 +93,7 @@ def run(cfg=DemoConfig(), out_dir="runs/demo", use_cache=True, log=print):
         "samples": samples,
     }
     text = json.dumps(results, indent=1, default=str).encode()
-    write_atomic(out_dir / "results.json", lambda f: f.write(text))
-    log(report(results, cfg))
+    write_atomic(stage / "results.json", lambda f: f.write(text))
     return results
 
 

@@ -81,6 +81,11 @@ class DemoConfig:
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
+def cache_path(cfg, cache_dir):
+    """The cache file of cfg's pretrained base in cache_dir: named by the hash of what it depends on."""
+    return Path(cache_dir) / f"base-{cfg.pretrain_key()}.npz"
+
+
 def pretrain_or_load(cfg, train_ids, cache_dir, log=print, reuse=True):
     """The pretrained base in float32: from the cache when a valid file is there (and reuse is
     True), else trained on train_ids and saved there.
@@ -89,7 +94,9 @@ def pretrain_or_load(cfg, train_ids, cache_dir, log=print, reuse=True):
     - params: Params, float32
     - seconds: pretraining time, or None when the cached model was reused
     """
-    path = Path(cache_dir) / f"base-{cfg.pretrain_key()}.npz"
+    path = cache_path(cfg, cache_dir)
+    if path.is_dir():  # found now, not when the minutes of pretraining are saved
+        raise ValueError(f"the cache file {str(path)!r} is a folder; move it away")
     if reuse and path.exists():
         try:
             params = load_params(path)  # checks config, shapes and the stored fingerprint

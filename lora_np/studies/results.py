@@ -33,26 +33,41 @@ def save_results(results, path, digits=6, grid_digits=4, grid_sections=()):
     return path
 
 
+def read_json_object(path, fix):
+    """The JSON object in the results file `path`, or ValueError saying what is there instead and
+    `fix`, the advice to follow. A folder, a FIFO or a device is refused without opening it (a
+    FIFO would block the read forever)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no results file at {path}; {fix}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a results file; {fix}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a FIFO, a socket or a device?); {fix}")
+    try:
+        results = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a file cut short or edited by hand
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e}); {fix}") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not a results object; {fix}")
+    return results
+
+
 def read_checked(path, config, version, command):
     """A cached results file, after checking its format version and that its "config" is `config`
     (a JSON-ready dict). Raises ValueError saying what does not match and the command that
     regenerates the file. Returns (results, the advice to print with any later complaint)."""
-    path = Path(path)
     fix = f"regenerate it with `{command}`"
-    if not path.exists():
-        raise ValueError(f"no results file at {path}; {fix}")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:  # a file cut short or edited by hand
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not a results object; {fix}")
+    results = read_json_object(path, fix)
     if results.get("format_version") != version:
         raise ValueError(f"{path} has format_version {results.get('format_version')!r}, the code reads "
                          f"{version}; {fix}")  # fmt: skip
     got = results.get("config")
     if got != config:
-        diff = sorted(k for k in set(config) | set(got or {}) if (got or {}).get(k) != config.get(k))
+        got = got if isinstance(got, dict) else {}
+        diff = sorted(k for k in set(config) | set(got) if got.get(k) != config.get(k))
         raise ValueError(f"{path} was computed with another configuration (differs in {diff}); {fix}")
     return results, fix
 

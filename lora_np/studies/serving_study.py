@@ -4,6 +4,7 @@
 lora_np.methods.serving.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from ..core.params import cast, init_params
 from ..methods.serving import STRATEGIES, adapter_bank, merged_forward, multi_lora_forward
 from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
-from .cli import Parser, check_out_file, fail
+from .cli import Parser, check_out_file, fail, lock_output
 from .measure import QUICK_SIZES, SIZES, round_robin
 from .results import check_command
 
@@ -215,14 +216,15 @@ def main(argv=None, prog="python -m lora_np serving"):
     except ValueError as e:
         fail(p.prog, str(e))
     apply_threads(a.threads)  # the demo's and d128's widths: the policy's one thread
-    t0 = time.perf_counter()
-    result = bench_serving(reps=a.reps, quick=a.quick)
-    result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-    print(serving_table(result))
-    if a.out is not None:
-        text = (json.dumps(result, indent=1) + "\n").encode()
-        write_atomic(Path(a.out), lambda f: f.write(text))
-        print(f"wrote {a.out}")
+    with lock_output(p.prog, a.out) if a.out is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        result = bench_serving(reps=a.reps, quick=a.quick)
+        result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(serving_table(result))
+        if a.out is not None:
+            text = (json.dumps(result, indent=1) + "\n").encode()
+            write_atomic(Path(a.out), lambda f: f.write(text))
+            print(f"wrote {a.out}")
     return 0
 
 

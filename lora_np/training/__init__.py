@@ -1,1 +1,1 @@
-"""Training and measuring: data, optimizers, the training loop, checkpoints, counts."""
+"""Training and measuring: data, optimizers, the training loop, checkpoints, run sets (runset), counts."""

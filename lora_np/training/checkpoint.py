@@ -19,11 +19,11 @@ disk, then renamed over the target, so a crash mid-write leaves the previous fil
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -63,9 +63,6 @@ def fingerprint(params, round_to_float32=False):
     return h.hexdigest()
 
 
-STALE_SECONDS = 3600  # a temporary file this old is a save that was killed, not one in progress
-
-
 def _temp_prefix(path):
     """The prefix ".{name}.{hash}." of the temporary files of `path`: at most 51 characters whatever the
     length of the name (NAME_MAX is 255), recognizable by eye, and distinct for each target."""
@@ -73,16 +70,32 @@ def _temp_prefix(path):
 
 
 def _remove_stale_temporaries(path):
-    """Remove temporary files of `path` older than STALE_SECONDS, left by a save that was killed
-    (SIGKILL, a power cut: nothing runs to clean up). Only `path`'s own (prefix, 8 random
-    characters, ".tmp"); a younger one may be a save in progress and is left alone."""
+    """Remove the temporary files of `path` left by saves that were killed (SIGKILL, a power cut:
+    nothing runs to clean up). A save holds an flock on its temporary file while it writes, and the
+    kernel drops it when the process dies: a temporary file that can be locked has no live writer and
+    goes at once; a locked one is a save in progress and is left alone. Only `path`'s own (prefix,
+    8 random characters, ".tmp")."""
     prefix = _temp_prefix(path)
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for e in entries:
             if e.name.startswith(prefix) and e.name.endswith(".tmp") and len(e.name) == len(prefix) + 12:
                 with contextlib.suppress(OSError):
-                    if time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
-                        os.unlink(e.path)
+                    fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
+                        os.unlink(e.path)  # while locked: the writer's own check below sees it
+                    finally:
+                        os.close(fd)
+
+
+def _locked_temporary(path):
+    """A new temporary file beside `path`, created and flock-ed: (fd, name)."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # 0: another save's cleanup removed it before we locked it
+            return fd, tmp
+        os.close(fd)
 
 
 def write_atomic(path, write):
@@ -91,16 +104,19 @@ def write_atomic(path, write):
     Readers see the old file or the new one, never half of one. If `write` fails or is
     interrupted (an exception, KeyboardInterrupt, SystemExit), the old file is untouched and the
     temporary file is removed; a process killed outright (SIGKILL) leaves its temporary file,
-    ".{name}.{hash}.{random}.tmp", which the next save of the same path removes once it is an
-    hour old. A replaced file keeps its permission bits; a new one gets the usual permissions
-    (0o666 minus the umask), not mkstemp's private 0o600. Used for every file the package writes.
+    ".{name}.{hash}.{random}.tmp", which the next save of the same path removes at once: the
+    writer holds an flock on it, which dies with the writer. A replaced file keeps its permission
+    bits; a new one gets the usual permissions (0o666 minus the umask), not mkstemp's private
+    0o600. Used for every file the package writes. ValueError if `path` is a folder.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"path's folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; a file cannot replace it")
     _remove_stale_temporaries(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+        fd, tmp = _locked_temporary(path)
     except OSError as e:  # its message would name the temporary file, which the caller never chose
         message = f"cannot save {path}: no new file can be created in its folder {path.parent} ({e.strerror or e})"
         raise (type(e)(e.errno, message) if e.errno else type(e)(message)) from None
@@ -109,8 +125,8 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)  # atomic on POSIX and Windows
+            os.chmod(tmp, _mode_for(path))
+            os.replace(tmp, path)  # atomic on POSIX; the lock goes when f closes
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

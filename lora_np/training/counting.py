@@ -24,6 +24,7 @@ Three kinds of function live here:
 Everything returns a Python int, which cannot overflow: GPT-3's counts pass 2**32.
 """
 
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -341,3 +342,54 @@ def nf4_base_bytes(cfg, double_quant=False, block_size=64):
     quantized = cfg.n_layers * sum(-(-n // block_size) * block_size for n in linear)  # padded to whole blocks
     rest = config_params(cfg) - cfg.n_layers * sum(linear)
     return int(round(quantized * bits / 8)) + 4 * rest
+
+
+def train_step_bytes(cfg, n_trainable, batch_size, block_size, dtype="float32"):
+    """Peak memory of one training step (forward, backward, AdamW update) beyond the frozen weights,
+    by formula, to refuse a batch that cannot fit before it is tried. With N = B·T tokens in the batch
+    and H heads, the numbers held at the peak (the end of the forward pass, when the cache is whole
+    and the loss's three (N, V) arrays exist) are
+
+        L·(N·(10·D + 3·M) + B·H·T²)     the cache of each block: the outputs of its two LayerNorms,
+                                          q, k, v, attention's softmax (B, H, T, T), its output, the
+                                          MLP's (N, M) input, tanh and GELU, the residual stream
+      + 3·N·V                           logits, softmax probabilities, their gradient
+      + 2·B·H·T² + N·(3·M + 6·D)        one block's backward temporaries
+      + 3·n_trainable                   gradients, and AdamW's two moments
+
+    times the dtype's width. LoRA's own activations (x·Aᵀ, r wide) are left out: r ≪ D. The formula
+    is checked against tracemalloc on a small model (tests/test_counting.py) within a factor stated
+    there; it is an estimate, meant to catch a batch 10 or 1000 times too large, not 10% too large.
+
+    Inputs:
+    - cfg: ModelConfig (D, M, L, H, V)
+    - n_trainable: trained numbers (count_arrays of the adapters or the params)
+    - batch_size, block_size: B and T
+    - dtype: the compute dtype
+
+    Returns:
+    - int, bytes
+    """
+    B = check_int("batch_size", batch_size, minimum=1)
+    T = check_int("block_size", block_size, minimum=1)
+    D, M, L, H, V = cfg.d_model, cfg.d_mlp, cfg.n_layers, cfg.n_heads, cfg.vocab_size
+    N = B * T
+    numbers = L * (N * (10 * D + 3 * M) + B * H * T * T) + 3 * N * V
+    numbers += 2 * B * H * T * T + N * (3 * M + 6 * D) + 3 * check_int("n_trainable", n_trainable, minimum=0)
+    return numbers * np.dtype(dtype).itemsize
+
+
+def available_bytes():
+    """Memory the system can give without swapping: /proc/meminfo's MemAvailable (free memory plus
+    the page cache it can reclaim), else free pages (os.sysconf SC_AVPHYS_PAGES); None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
