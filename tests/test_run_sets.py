@@ -282,3 +282,26 @@ def test_adapters_and_serving_refuse_a_results_file_another_run_holds(tmp_path, 
     assert e.value.code == 2 and not out.exists()
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and "r.json' is in use by another run" in err
+
+
+def test_without_flock_the_package_still_saves_and_commits(tmp_path):
+    """Windows has no fcntl: there lora_np must still import, save atomically and commit a run's set,
+    unlocked (the README says so). Simulated here by hiding the module from a fresh process."""
+    code = f"""
+import sys
+sys.modules["fcntl"] = None  # import fcntl now raises ImportError, as on Windows
+import numpy as np
+from lora_np import ModelConfig, init_params
+from lora_np.training.checkpoint import load_params, save_params
+from lora_np.training.runset import RunSet
+cfg = ModelConfig(vocab_size=8, context_length=4, d_model=8, n_heads=2, n_layers=1, d_mlp=16)
+out = {str(tmp_path / "run")!r}
+with RunSet(out, {{"base.npz": "file"}}) as run:
+    save_params(run.stage / "base.npz", init_params(cfg, 0))
+    run.commit()
+back = load_params(out + "/base.npz")
+assert np.array_equal(back["W_e"], init_params(cfg, 0)["W_e"])
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

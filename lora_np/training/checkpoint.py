@@ -19,7 +19,6 @@ disk, then renamed over the target, so a crash mid-write leaves the previous fil
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there saves and runs go unlocked (README, "Files on disk")
+    fcntl = None
 
 from ..core.config import LoraConfig, ModelConfig
 from ..core.lora import adapter_names, check_adapters, check_rank
@@ -69,6 +73,18 @@ def _temp_prefix(path):
     return f".{path.name[:40]}.{hashlib.sha256(path.name.encode()).hexdigest()[:8]}."
 
 
+# open() flags that only POSIX systems have; 0 (no flag) elsewhere
+OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def flock(fd, wait=True):
+    """An exclusive lock on the open file `fd`, held until it is closed or its process dies (the kernel
+    drops it then). wait=False raises BlockingIOError at once if another process holds it. Where the
+    system has no flock (Windows), nothing is locked."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _remove_stale_temporaries(path):
     """Remove the temporary files of `path` left by saves that were killed (SIGKILL, a power cut:
     nothing runs to clean up). A save holds an flock on its temporary file while it writes, and the
@@ -80,9 +96,9 @@ def _remove_stale_temporaries(path):
         for e in entries:
             if e.name.startswith(prefix) and e.name.endswith(".tmp") and len(e.name) == len(prefix) + 12:
                 with contextlib.suppress(OSError):
-                    fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                    fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | OPEN_FLAGS)
                     try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
+                        flock(fd, wait=False)  # BlockingIOError: a live writer
                         os.unlink(e.path)  # while locked: the writer's own check below sees it
                     finally:
                         os.close(fd)
@@ -92,7 +108,7 @@ def _locked_temporary(path):
     """A new temporary file beside `path`, created and flock-ed: (fd, name)."""
     while True:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        flock(fd)
         if os.fstat(fd).st_nlink:  # 0: another save's cleanup removed it before we locked it
             return fd, tmp
         os.close(fd)

@@ -5,7 +5,7 @@ results.json; `gpt2`: adapter.npz, peft/, results.json) must never leave half a 
 of an old one, and two runs on the same --out must never mix or silently replace each other's
 files. A study's single results file is the same problem with one member.
 
-1. Lock. A run takes an exclusive fcntl.flock on a lock file (OUT/.lock for a folder,
+1. Lock. A run takes an exclusive flock (checkpoint.flock) on a lock file (OUT/.lock for a folder,
    .NAME.lock beside a file) before any work and holds it to the end. A second run on the same
    output is refused at once, naming the first one's process id. The kernel drops the lock when
    its holder dies, however it dies, so a lock file nobody holds is a leftover, never a run.
@@ -22,13 +22,14 @@ file (results.json) always see a whole file: every move is a rename.
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import signal
 import threading
 from pathlib import Path
+
+from .checkpoint import OPEN_FLAGS, flock
 
 STAGING = ".staging"
 COMMIT = "COMMIT"
@@ -50,11 +51,12 @@ def lock_file(path, what):
     into the file; releasing unlinks it, so no lock file stays behind after a clean exit.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, wait=False)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             holder = f" (process {holder})" if holder.isdigit() else ""
             raise OutputBusy(f"{what} is in use by another run{holder}; wait for it to finish, or choose "
@@ -63,7 +65,8 @@ def lock_file(path, what):
             break
         os.close(fd)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
@@ -106,7 +109,7 @@ def make_folder(out, flag="--out"):
 class RunSet:
     """The output folder of a run, locked from the start; its files staged, then committed as one set.
 
-        with RunSet(out, ("adapter.npz", "peft", "results.json"), "--out") as run:
+        with RunSet(out, {"adapter.npz": "file", "peft": "folder", "results.json": "file"}, "--out") as run:
             ... minutes of work ...
             save_adapters(run.stage / "adapter.npz", ...)     # every member written into run.stage
             run.commit()                                       # the set replaces the previous one
