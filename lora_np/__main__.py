@@ -11,6 +11,7 @@
 - `python -m lora_np successors`: LoRA's successors on the demo task, over seeds (notebook 07's numbers)
 - `python -m lora_np adapters`: the adapter baselines against LoRA on the demo task, and Table 1's
   latency (notebook 08's numbers)
+- `python -m lora_np latency`: Table 1's latency alone (the adapters, merged and unmerged LoRA)
 - `python -m lora_np fullrank` / `serving`: full-rank LoRA against full fine-tuning, and one batch
   served with a different adapter per row (notebook 09's numbers)
 """
@@ -41,7 +42,7 @@ def demo_parser(prog):
         "two ways (every weight, and LoRA) from the same weights and batches, and compare.",
         epilog="other commands (each with its own --help): figures, check, bench, experiments, "
         "course make|grade, gpt2 (LoRA on GPT-2's published weights), gpt2 bench, successors (DoRA, VeRA, "
-        "PiSSA, LoRA+, QLoRA on the demo task), adapters (the paper's adapter baselines), fullrank, serving",
+        "PiSSA, LoRA+, QLoRA on the demo task), adapters (the paper's adapter baselines), latency, fullrank, serving",
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"fine-tuning steps for each method (default {d.steps})")
     p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
@@ -212,6 +213,12 @@ def run_fullrank(argv, prog):
     return fullrank_main(argv, f"{prog} fullrank")
 
 
+def run_latency(argv, prog):
+    from .studies.latency import main as latency_main
+
+    return latency_main(argv, f"{prog} latency")
+
+
 def run_serving(argv, prog):
     from .studies.serving_study import main as serving_main
 
@@ -251,7 +258,7 @@ def _dispatch(argv, prog):
     keep_freed_memory()  # every command allocates the same temporaries step after step (lora_np/heap.py)
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
                 "course": run_course, "gpt2": run_gpt2, "successors": run_successors, "adapters": run_adapters,
-                "fullrank": run_fullrank, "serving": run_serving}
+                "fullrank": run_fullrank, "serving": run_serving, "latency": run_latency}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog)
     if argv and argv[0] == "demo":

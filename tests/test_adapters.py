@@ -275,3 +275,13 @@ def test_the_committed_results_fit_the_code():
 
     res = load_results(NOTEBOOKS / "adapters_results.json")  # raises, saying how to regenerate it, if the demo's recipe changed
     assert set(res["runs"]) == set(QUALITY_METHODS) and res["latency"]["checks"]["merged_same_arrays"]
+
+
+def test_the_latency_command_runs_on_its_own(tmp_path):
+    """`python -m lora_np latency` (earlier `python -m lora_np.bench_latency`): the table, and its JSON if asked."""
+    out = tmp_path / "latency.json"
+    r = subprocess.run([sys.executable, "-m", "lora_np", "latency", "--quick", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "microseconds per token" in r.stdout
+    assert set(json.loads(out.read_text())["checks"]) >= {"merged_same_arrays"}

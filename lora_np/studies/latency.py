@@ -32,7 +32,7 @@ thread (lora_np.training.threads' policy at these widths; both commands set it):
 
     python -m lora_np adapters --only latency
 
-and `python -m lora_np.studies.latency [--quick] [--out FILE]` prints the table on its own.
+and `python -m lora_np latency [--quick] [--out FILE]` prints the table on its own.
 
 Dimension legend: B batch, T sequence length, D model width, r LoRA rank and adapter bottleneck.
 """
@@ -213,9 +213,9 @@ def latency_table(result, clock="cpu"):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """`python -m lora_np.studies.latency [--quick] [--reps N] [--r R] [--out FILE]`: measure and print."""
-    p = Parser(prog="python -m lora_np.studies.latency",
+def main(argv=None, prog="python -m lora_np latency"):
+    """`python -m lora_np latency [--quick] [--reps N] [--r R] [--out FILE]`: measure and print."""
+    p = Parser(prog=prog,
                description="Per-token inference latency of AdapterH, AdapterL and LoRA (merged, unmerged) against "
                            "the base, on lora_np's float32 forward. Run with OPENBLAS_NUM_THREADS=1.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a tiny model and grid: about a second")
