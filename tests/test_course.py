@@ -403,3 +403,24 @@ def test_the_gradescope_zip_pins_versions_and_nbgrader_keeps_the_students_files(
     assert (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text() == strip_solutions(
         (tmp_path / "nb" / "source" / "hw1" / "lora_layer.py").read_text())  # blank: the students write it
     assert BEGIN in (tmp_path / "nb" / "source" / "hw1" / "1_lora_layer.ipynb").read_text()  # nbgrader strips these
+
+
+# Solutions written another way that the grader gives full marks: the notebook that uses the function must run too.
+# (notebook, file, the solution's line, the variant's line, the exercise)
+FULL_MARKS_VARIANTS = {
+    "a NumPy integer count": ("3_counting.ipynb", "lora_counting.py", "    return r * (d_in + d_out)",
+                              "    import numpy\n    return numpy.int64(r * (d_in + d_out))", "E5"),
+    "merged names in another order": ("2_adapters.ipynb", "lora_adapters.py", "    return merged\n",
+                                      "    merged = type(merged)(merged.config, dict(reversed(merged.items())),\n"
+                                      "                          merged.merged_adapters)\n    return merged\n", "E4"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", FULL_MARKS_VARIANTS)
+def test_a_full_marks_variant_runs_its_notebook(made, tmp_path, variant):
+    notebook, file, old, new, exercise = FULL_MARKS_VARIANTS[variant]
+    work = plant(made, tmp_path, file, old, new)
+    results = grade(work, {exercise})
+    assert all(r.passed for r in results), [(r.id, r.hint) for r in results if not r.passed]
+    nb = nbformat.reads((work / notebook).read_text(), as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()

@@ -225,7 +225,7 @@ nonzero (merging a zero $B$ would prove nothing); it does not use your `init_lor
         trained_before = {n: a.copy() for n, a in trained.items()}
 
         merged = merge(params, trained, lora)
-        assert isinstance(merged, Params) and merged.config == cfg and list(merged) == list(params)
+        assert isinstance(merged, Params) and merged.config == cfg and set(merged) == set(params)
         assert all(np.array_equal(params[n], params_before[n]) for n in params), "merge modified params"
         assert all(np.array_equal(trained[n], trained_before[n]) for n in trained), "merge modified the adapters"
 
@@ -286,7 +286,7 @@ the extra multiply-adds, and serve a batch that mixes two tasks.
         same_shapes = all(merged[n].shape == params[n].shape and merged[n].dtype == params[n].dtype for n in params)
         print(f"base: {count_arrays(params):,} numbers in {len(params)} arrays; merged: {count_arrays(merged):,} in "
               f"{len(merged)} arrays; same names, shapes, dtypes: {same_shapes}")
-        assert same_shapes and list(merged) == list(params) and count_arrays(merged) == count_arrays(params)
+        assert same_shapes and set(merged) == set(params) and count_arrays(merged) == count_arrays(params)
 
         # Unmerged, each adapted weight adds two thin products per token: x·Aᵀ (r·d_in) and (·)·Bᵀ (d_out·r)
         D, M, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size

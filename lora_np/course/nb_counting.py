@@ -30,6 +30,7 @@ Then you use them on GPT-3 175B, and on the fixed parameter budget of the paper'
     setup_code(
         """
         from fractions import Fraction
+        from numbers import Integral
 
         import lora_np.counting
         from lora_np import LoraConfig, ModelConfig
@@ -61,7 +62,7 @@ $r > \min(d_{out}, d_{in})$ (`ValueError`: $BA$ cannot have a higher rank than t
             n = lora_params(d, d, r)
             print(f"r = {r}: A ({r} x {d}) + B ({d} x {r}) = {n:>6,} numbers, {n / (d * d):.1%} of W0, "
                   f"{d * d / n:g}x fewer")
-            assert type(n) is int and n == r * d + d * r
+            assert isinstance(n, Integral) and not isinstance(n, bool) and n == r * d + d * r  # any integer type
             assert Fraction(d * d, n) == Fraction(d, 2 * r)  # a square d x d weight: d / (2r) times fewer
         assert lora_params(1000, 1000, 4) == 4 * 1000 + 1000 * 4 == 8_000
 
@@ -108,7 +109,7 @@ Its Table 4 configuration $r_q = r_v = 8$ [LoRA, D.4], computed by your function
         n_gpt3 = lora_transformer_params(96, {"W_q": 8, "W_v": 8}, GPT3)
         by_hand = 96 * 2 * 8 * (12288 + 12288)  # 96 layers x 2 matrices x r·(d_in + d_out)
         print(f"GPT-3 175B, r = 8 on W_q, W_v: {n_gpt3:,} = {n_gpt3 / 1e6:.1f}M trainable numbers")
-        assert type(n_gpt3) is int and n_gpt3 == by_hand == 2 * 96 * 12288 * 8 * 2  # the paper's |Θ| = 2·L̂·d·r
+        assert isinstance(n_gpt3, Integral) and n_gpt3 == by_hand == 2 * 96 * 12288 * 8 * 2  # the paper's |Θ| = 2·L̂·d·r
         assert round(n_gpt3 / 1e6, 1) == 37.7  # Table 4 prints "37.7M"
 
         n_r4 = lora_transformer_params(96, {"W_q": 4, "W_v": 4}, GPT3)
