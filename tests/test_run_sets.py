@@ -249,7 +249,7 @@ def test_adapters_only_refuses_a_file_it_cannot_keep_before_any_work(tmp_path, t
     assert (tmp_path / "e.json").read_text() == text and p.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["experiments", "successors", "fullrank"])
+@pytest.mark.parametrize("command", ["experiments", "successors", "fullrank", "adapters", "serving"])
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_check_refuses_a_fifo_or_a_folder_without_hanging(tmp_path, command, kind):
     target = tmp_path / "r.json"
@@ -258,6 +258,15 @@ def test_check_refuses_a_fifo_or_a_folder_without_hanging(tmp_path, command, kin
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     words = "is not a regular file" if kind == "fifo" else "is a folder, not a results file"
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and words in p.stderr
+
+
+@pytest.mark.parametrize("text", ['{"sizes": [1], "meta": {"quick": false}}', '{"sizes": [{}], "meta": []}', "[]",
+                                  '{"sizes": [{"rows": 3, "lora": 1}], "meta": {"quick": false}}'])
+def test_serving_check_refuses_a_malformed_file_in_one_line(tmp_path, text):
+    (tmp_path / "s.json").write_text(text)
+    p = run_cli(["serving", "--check", "--out", "s.json"], tmp_path, timeout=30)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "python -m lora_np serving" in p.stderr
 
 
 def test_the_memory_guard_names_its_figures():

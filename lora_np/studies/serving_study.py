@@ -23,7 +23,7 @@ from ..training.checkpoint import write_atomic
 from ..training.threads import add_threads_flag, apply_threads
 from .cli import Parser, check_out_file, fail, lock_output
 from .measure import QUICK_SIZES, SIZES, round_robin
-from .results import check_command
+from .results import check_command, read_json_object
 
 # ----------------------------------------------------------------------------
 # cost: unmerged mixed batch against one merged model per task
@@ -175,20 +175,17 @@ def serving_table(result):
 def load_results(path=DEFAULT_OUT):
     """The results file notebook 09 reads, after checking that it holds a full run of the code's design
     (SERVING_TASKS in a batch of SERVING_BATCH rows, SERVING_LORA's rank). ValueError says how to remake it."""
-    path = Path(path)
     fix = "regenerate it with `python -m lora_np serving`"
-    if not path.is_file():
-        raise ValueError(f"no results file at {path}; {fix}")
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-    sizes = result.get("sizes") if isinstance(result, dict) else None
-    if not isinstance(sizes, list) or not sizes or result.get("meta", {}).get("quick") is not False:
+    result = read_json_object(path, fix)
+    meta, sizes = result.get("meta"), result.get("sizes")
+    if not (isinstance(meta, dict) and meta.get("quick") is False and isinstance(sizes, list) and sizes
+            and all(isinstance(s, dict) for s in sizes)):  # fmt: skip
         raise ValueError(f"{path} does not hold a full (not --quick) serving run; {fix}")
     for s in sizes:
-        if ([row.get("tasks") for row in s.get("rows", [])] != list(SERVING_TASKS) or s.get("batch") != SERVING_BATCH
-                or s.get("lora", {}).get("r") != SERVING_LORA.r):  # fmt: skip
+        rows, lora = s.get("rows"), s.get("lora")
+        tasks = [row.get("tasks") for row in rows if isinstance(row, dict)] if isinstance(rows, list) else None
+        if tasks != list(SERVING_TASKS) or s.get("batch") != SERVING_BATCH or not isinstance(lora, dict) \
+                or lora.get("r") != SERVING_LORA.r:  # fmt: skip
             raise ValueError(f"{path}: size {s.get('name')!r} was measured with another design; {fix}")
     return result
 
