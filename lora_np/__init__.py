@@ -11,11 +11,11 @@ Read it in this order, each step adding one idea to the one before:
     4. core/model.py      the GPT, forward and backward, with LoRA on any linear weight
     5. core/lora.py       adapters: created (A random, B = 0), checked, merged (W' = W0 + s·B·A)
     6. core/gradcheck.py  finite differences, the judge of every backward
-  Then, each layer building only on those before it:
+  Then the training, and the rest:
     7. training/   the data, AdamW, the training loop, checkpoints, run sets, counting, Section 7's measures
     8. methods/    what came after LoRA (DoRA, VeRA, PiSSA, LoRA+, QLoRA's NF4 base) and the
-                   adapter baselines it is measured against, each plugged into the core's one seam
-                   (lora_np.core.lora.METHODS); serving many adapters in one batch (Section 4.2)
+                   adapter baselines it is measured against, each plugged into the core by its own
+                   module (lora_np.core.lora.register); serving many adapters in one batch (Section 4.2)
     9. io/         GPT-2's published files: safetensors, its BPE tokenizer, its layout, PEFT's format
    10. studies/    programs: the demo, Section 7, the successors, the adapter baselines, full rank,
                    latency and serving, the GPT-2 fine-tune
@@ -24,7 +24,12 @@ Read it in this order, each step adding one idea to the one before:
    13. course/     the homework and its autograder
    14. __main__.py the `python -m lora_np ...` commands
 
-Imports run down this list and never up (tests/test_layers_of_the_house.py).
+Each folder is a layer of the house, and a module imports only from its own layer or a lower one.
+Layers, lowest first: core, methods, training, io, studies, bench, figures, course, cli (__main__.py).
+(The training comes before the methods in the reading order; among the layers it is above them,
+since a checkpoint stores a 4-bit base and the counts count every method.) tests/test_house.py
+parses every module and fails on an import that runs up, a cycle, or a private name used outside
+its module.
 """
 
 import sys

@@ -255,7 +255,7 @@ def main(argv=None):
 
 
 def _dispatch(argv, prog):
-    keep_freed_memory()  # every command allocates the same temporaries step after step (lora_np/heap.py)
+    keep_freed_memory()  # every command allocates the same temporaries step after step (lora_np/training/heap.py)
     commands = {"figures": run_figures, "check": run_check, "bench": run_bench, "experiments": run_experiments,
                 "course": run_course, "gpt2": run_gpt2, "successors": run_successors, "adapters": run_adapters,
                 "fullrank": run_fullrank, "serving": run_serving, "latency": run_latency}

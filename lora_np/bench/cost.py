@@ -114,7 +114,6 @@ def timed_elementwise(seconds):
     """Inside the block, each call of an ELEMENTWISE layer or of AdamW.step adds its wall time to
     seconds[kind] (a defaultdict(float)). The functions are wrapped where the model and the trainer
     look them up, and restored on the way out."""
-
     def timed(fn, kind):
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
@@ -410,7 +409,6 @@ def _threads(value):
 
 def main(argv=None):
     """`python -m lora_np bench [--sizes demo,d512] [--reps 7] [--threads 1] [--out FILE] [--quick]`."""
-
     argv = sys.argv[1:] if argv is None else list(argv)
     p = Parser(
         prog="python -m lora_np bench",

@@ -70,7 +70,6 @@ def _rss():
 
 def _load_probe(path):
     """Run in a fresh process: load, then read every weight once; time and memory as JSON on stdout."""
-
     rss0 = _rss()
     t0 = time.perf_counter()
     params, _ = load_gpt2(path, check_finite=False)  # the mapping alone: the finiteness check reads every page

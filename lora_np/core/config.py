@@ -52,12 +52,18 @@ def allowed(field):
     return own[field] + tuple(v for e in EXTENSIONS.values() for v in getattr(e, key))
 
 
+_COMPUTED = {"LORA_METHODS": "method", "LORA_INITS": "init", "BASE_QUANTS": "base_quant",
+             "ADAPTER_METHODS": "layer_method"}  # fmt: skip
+
+
+def __dir__():
+    return sorted([*globals(), *_COMPUTED])
+
+
 def __getattr__(name):
     # The tuples earlier versions kept here, now read from the extensions registered
-    computed = {"LORA_METHODS": "method", "LORA_INITS": "init", "BASE_QUANTS": "base_quant",
-                "ADAPTER_METHODS": "layer_method"}  # fmt: skip
-    if name in computed:
-        return allowed(computed[name])
+    if name in _COMPUTED:
+        return allowed(_COMPUTED[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -118,8 +124,9 @@ class LoraConfig:
     dropout: float = 0.0  # inverted dropout on the input of A, training only
     init: str = "gaussian"  # "gaussian": the paper's; "kaiming": loralib's and PEFT's default; "pissa" (pissa.py)
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-    # What came after LoRA, each a choice of which the paper's LoRA is the default. Each is read and checked
-    # only by its own module in lora_np/methods/ (registered in EXTENSIONS above):
+    # What came after LoRA, each a choice of which the paper's LoRA is the default. This class checks their
+    # types and values; what each means, and which combinations it allows, is its own module's (lora_np/methods/,
+    # registered in EXTENSIONS above):
     method: str = "lora"  # "dora" (dora.py), "vera" (vera.py); "adapter_h", "adapter_l": not LoRA but the paper's
     #                       adapter baselines, with r the bottleneck width (adapters.py)
     lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's (variants.py: which λ)
@@ -150,8 +157,8 @@ class LoraConfig:
             # what it says.
             if targets not in ((), DEFAULT_TARGETS):
                 raise ValueError(
-                    f"method={self.method!r} inserts bottleneck layers after fixed sublayers and "
-                    f"adapts no weight: targets must be () or left at its default, got {targets}"
+                    f"method={self.method!r} inserts layers of its own and adapts no weight: targets must be () "
+                    f"or left at its default, got {targets}"
                 )
             targets = ()
         for t in targets:

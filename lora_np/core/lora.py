@@ -14,17 +14,21 @@ or unmerging adapters that were never merged, is refused instead of adding or su
 a second time.
 
 The seam. Plain LoRA is written out here and in model.py. A method that came after it (DoRA,
-VeRA, the paper's adapter baselines: lora_np/methods/) plugs in through one table, METHODS, which
-its own module fills with a Method: the arrays it needs, how it starts, how an adapted weight runs
-forward and backward, the layers it inserts into a block, how it merges. The core looks a method
-up there when LoraConfig.method is not "lora", and names none of them.
+VeRA, the paper's adapter baselines, PiSSA's start, QLoRA's 4-bit base: lora_np/methods/) plugs in
+with one call from its own module, register(extension, methods): what LoraConfig accepts for it
+(config.EXTENSIONS) and, for a method of its own, a Method (METHODS): the arrays it needs, how it
+starts, how an adapted weight runs forward and backward, the layers it inserts into a block at
+SLOTS, how it merges. The core looks a method up there when LoraConfig.method is not "lora", and
+names none of them.
 
 Dimension legend: r rank, d_in / d_out the adapted weight's input / output width.
 """
 
+from types import MappingProxyType
+
 import numpy as np
 
-from .config import LoraConfig, ModelConfig
+from .config import EXTENSIONS, Extension, LoraConfig, ModelConfig
 from .params import Params, check_seed
 
 # ----------------------------------------------------------------------------
@@ -44,15 +48,15 @@ class Method:
     - linear_forward(x, W, b, adapters, name, lora, dropout, rng) -> (out, cache), and
       linear_backward(dout, cache, name, want) -> (dx, {name: gradient, for the names in want}):
       the pair that replaces lora_linear_forward/backward for the adapted weight `name`
-    - layers: {slot: (forward, backward)}, layers the method inserts into every block at the slots
-      of model.SLOTS, forward(h, adapters, prefix) -> (out, cache) and
-      backward(dout, cache, prefix, want, grads) -> dh, with prefix "blocks.{l}."
+    - layers: {slot: (forward, backward)}, layers the method inserts into every block at SLOTS,
+      forward(h, adapters, prefix) -> (out, cache) and backward(dout, cache, prefix, want, grads)
+      -> dh (the gradients of its arrays written into grads), with prefix "blocks.{l}."
     - merge(params, adapters, lora) -> merged and unmerge(merged, adapters, lora, norms) -> params,
       as merge and unmerge below
     """
 
     frozen_prefix = None
-    layers = {}
+    layers = MappingProxyType({})  # none; a method that inserts layers sets its own
 
     def names(self, cfg, lora):
         raise NotImplementedError
@@ -76,7 +80,35 @@ class Method:
         raise NotImplementedError
 
 
-METHODS = {}  # LoraConfig.method -> Method, for every method but "lora" (lora_np/methods/ fills it)
+# Where a method may insert a layer of its own into each block (Method.layers), by model.py's stages
+SLOTS = (
+    "after_attn",  # 4a. on y·W_oᵀ + b_o, before the residual add of stage 4
+    "after_mlp",  # 8a. on z·W_2ᵀ + b_2, before the residual add of stage 8
+    "after_block",  # 9. on x, after the residual add of stage 8
+)
+
+METHODS = {}  # LoraConfig.method -> Method, for every method but "lora" (register fills it)
+
+
+def register(name, extension, methods=None):
+    """Plug a later method into the core: `extension` (config.Extension) into config.EXTENSIONS under
+    `name`, and a Method for each value of LoraConfig.method it adds into METHODS. Checked here, so
+    that a mistake fails at import, not as a model that silently skips a layer: every method the
+    extension names has its Method and no other; every layer sits at one of SLOTS."""
+    methods = {} if methods is None else dict(methods)
+    if not isinstance(extension, Extension):
+        raise TypeError(f"extension must be a lora_np.core.config.Extension, got {type(extension).__name__}")
+    if set(methods) != set(extension.methods):
+        raise ValueError(f"{name}: the extension adds methods {sorted(extension.methods)} but Methods are given for "
+                         f"{sorted(methods)}; give one Method for each")  # fmt: skip
+    for method, m in methods.items():
+        if not isinstance(m, Method):
+            raise TypeError(f"{name}: METHODS[{method!r}] must be a lora_np.core.lora.Method, got {type(m).__name__}")
+        unknown = sorted(set(m.layers) - set(SLOTS))
+        if unknown:
+            raise ValueError(f"{name}: method {method!r} inserts layers at {unknown}; the slots are {SLOTS}")
+    EXTENSIONS[name] = extension
+    METHODS.update(methods)
 
 
 def adapter_names(cfg, lora):

@@ -21,7 +21,7 @@ linear_forward: h = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ.
 
 The seam for the methods that came after LoRA (lora_np.core.lora.METHODS, filled by
 lora_np/methods/): such a method brings its own pair for an adapted weight, in place of the
-LoRA pair, and may insert layers of its own at three slots of a block (SLOTS), on the output of
+LoRA pair, and may insert layers of its own at three slots of a block (lora.SLOTS), on the output of
 stage 4's projection, on the output of stage 8's, and after stage 8's residual add (the paper's
 adapter baselines use them).
 
@@ -47,13 +47,6 @@ from .layers import (
 )
 from .lora import METHODS, check_adapters, trainable_adapters
 from .params import check_params, is_stored_weight
-
-# Where a method may insert a layer of its own into a block (Method.layers), as block_forward's stages
-SLOTS = (
-    "after_attn",  # 4a. on y·W_oᵀ + b_o, before the residual add of stage 4
-    "after_mlp",  # 8a. on z·W_2ᵀ + b_2, before the residual add of stage 8
-    "after_block",  # 9. on x, after the residual add of stage 8
-)
 
 
 def check_tokens(tokens, cfg, name="tokens"):

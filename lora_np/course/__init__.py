@@ -23,12 +23,10 @@ from .platforms import gradescope_zip, nbgrader_course
 
 def check(*ids, directory="."):
     """Grade some exercises of the handout in `directory` (for the notebooks): check("E1")."""
-
     return _check(*ids, directory=directory)
 
 
 def main(argv, prog="python -m lora_np course"):
-
     commands = {"make": _make, "grade": _grade}
     if not argv or argv[0] not in commands:
         p = Parser(prog=prog, description=__doc__.split("\n")[0])
@@ -38,7 +36,6 @@ def main(argv, prog="python -m lora_np course"):
 
 
 def _make(argv, prog):
-
     p = Parser(prog=prog, description="Write the course handout (exercises with blanks).")
     p.add_argument("dir", help="folder to write (created if missing; existing exercise files are never replaced)")
     p.add_argument("--solutions", action="store_true", help="fill every blank: the instructor's version")
@@ -78,5 +75,4 @@ def _make(argv, prog):
 
 
 def _grade(argv, prog):
-
     return grade_main(argv, prog)

@@ -50,7 +50,6 @@ class Result:
 
 
 def _checks(ex_id):
-
     return CHECKS[ex_id]
 
 

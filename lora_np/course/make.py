@@ -155,7 +155,6 @@ def check_out_dir(out_dir, force):
 
 
 def _notebook_names():
-
     return NOTEBOOKS
 
 
@@ -165,7 +164,6 @@ def make(out_dir, solutions=False, force=False):
     Everything is generated in memory first and each file is written atomically, so a refused
     or failed make leaves no half-written exercise behind.
     """
-
     out_dir = check_out_dir(out_dir, force)
     texts = {f.name: exercise_file(f, solutions) for f in FILES}
     for name, cells in NOTEBOOKS.items():

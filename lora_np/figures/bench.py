@@ -22,7 +22,6 @@ from .plotting import FIGURES, STYLE, human_bytes, save
 def save_bench_png(json_path):
     """Draw a benchmark JSON into a PNG beside it (same name, .png), as `python -m lora_np figures`
     draws it; returns the PNG's path. The drawing reads the measurement, never the reverse."""
-
     png = Path(json_path).with_suffix(".png")
     with plt.rc_context(STYLE):
         save(draw_bench(json_path)[0], png)

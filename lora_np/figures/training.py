@@ -232,7 +232,6 @@ def draw_zero_init_grad_norms(base=None):
       one value a step, taken before that step's update), "moved_A", "moved_B" (lists of n + 1
       values, after t = 0..n updates), "lr", "r", "alpha" (the settings), "n_A", "n_B" (entries)
     """
-
     def global_norm(arrays):
         # sqrt of the sum of squares of every array, accumulated in float64
         return float(sum((a.astype(np.float64) ** 2).sum() for a in arrays) ** 0.5)

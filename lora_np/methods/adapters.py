@@ -10,7 +10,7 @@ drops some adapter layers; neither is built here.) An adapter layer, in column f
 
     Adapter(h) = h + W_up·f(W_down·h + b_down) + b_up      W_down (r, D), W_up (D, r), r ≪ D
 
-and in the pre-LN block of model.py (numbers are model.py's stages, names its SLOTS):
+and in the pre-LN block of model.py (numbers are model.py's stages, names core.lora's SLOTS):
 
     AdapterH   4a.  x = x + Adapter(y·W_oᵀ + b_o)       after attention's output projection ("after_attn")
                8a.  x = x + Adapter(z·W_2ᵀ + b_2)       after the MLP ("after_mlp"), both before the residual add
@@ -55,7 +55,7 @@ References
 
 import numpy as np
 
-from ..core.config import EXTENSIONS, Extension
+from ..core.config import Extension
 from ..core.layers import (
     gelu_backward,
     gelu_forward,
@@ -64,7 +64,7 @@ from ..core.layers import (
     linear_backward,
     linear_forward,
 )
-from ..core.lora import METHODS, Method
+from ..core.lora import Method, register
 
 ADAPTER_METHODS = ("adapter_h", "adapter_l")  # LoraConfig.method values: AdapterH, AdapterL
 
@@ -206,9 +206,9 @@ def adapter_layer_names(cfg, lora):
     D, r = cfg.d_model, lora.r
     names = {}
     for l in range(cfg.n_layers):
-        slots = ("adapter_attn", "adapter_mlp") if lora.method == "adapter_h" else ("adapter",)
-        for slot in slots:
-            p = f"blocks.{l}.{slot}."
+        places = ("adapter_attn", "adapter_mlp") if lora.method == "adapter_h" else ("adapter",)
+        for place in places:
+            p = f"blocks.{l}.{place}."
             if lora.method == "adapter_l":
                 names.update({p + "ln.gamma": (D,), p + "ln.beta": (D,)})
             names.update({p + "W_down": (r, D), p + "b_down": (r,), p + "W_up": (D, r), p + "b_up": (D,)})
@@ -234,10 +234,10 @@ def init_adapter_layers(cfg, lora, seed):
 
 
 # ----------------------------------------------------------------------------
-# the adapter baselines in the model: the core's seam (lora_np.core.lora.METHODS), filled
+# the adapter baselines in the model: the core's seam (lora_np.core.lora.register), filled
 
 _BOTTLENECK = ("W_down", "b_down", "W_up", "b_up")
-_PLACES = {  # method -> {model.SLOTS slot: the name of its layer's arrays in a block}
+_PLACES = {  # method -> {core.lora.SLOTS slot: the name of its layer's arrays in a block}
     "adapter_h": {"after_attn": "adapter_attn", "after_mlp": "adapter_mlp"},
     "adapter_l": {"after_block": "adapter"},
 }
@@ -316,5 +316,5 @@ def _check_config(cfg):
             )
 
 
-EXTENSIONS["adapters"] = Extension(methods=ADAPTER_METHODS, layer_methods=ADAPTER_METHODS, check=_check_config)
-METHODS.update({m: AdapterLayers(m) for m in ADAPTER_METHODS})
+register("adapters", Extension(methods=ADAPTER_METHODS, layer_methods=ADAPTER_METHODS, check=_check_config),
+         {m: AdapterLayers(m) for m in ADAPTER_METHODS})

@@ -40,8 +40,8 @@ References
 
 import numpy as np
 
-from ..core.config import EXTENSIONS, Extension
-from ..core.lora import METHODS, Method
+from ..core.config import Extension
+from ..core.lora import Method, register
 
 # ----------------------------------------------------------------------------
 # the row norms of V = W0 + s·B·A, without forming V
@@ -356,7 +356,7 @@ def dora_unmerge(W_merged, A, B, m, scaling, norms):
 
 
 # ----------------------------------------------------------------------------
-# DoRA in the model: the core's seam (lora_np.core.lora.METHODS), filled
+# DoRA in the model: the core's seam (lora_np.core.lora.register), filled
 
 
 class DoRA(Method):
@@ -416,5 +416,4 @@ def _check_config(cfg):
         raise ValueError(f"dora_exact_norm applies to method='dora', got method={cfg.method!r}")
 
 
-EXTENSIONS["dora"] = Extension(methods=("dora",), check=_check_config)
-METHODS["dora"] = DoRA()
+register("dora", Extension(methods=("dora",), check=_check_config), {"dora": DoRA()})

@@ -86,7 +86,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..core.config import EXTENSIONS, Extension, check_int
+from ..core.config import Extension, check_int
+from ..core.lora import register
 
 K_BITS = 4  # k in the paper: NF4 is NFk with k = 4, 2^k = 16 values
 
@@ -448,4 +449,4 @@ def _check_config(cfg):
         raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
 
 
-EXTENSIONS["nf4"] = Extension(base_quants=("nf4",), check=_check_config)
+register("nf4", Extension(base_quants=("nf4",), check=_check_config))

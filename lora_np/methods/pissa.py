@@ -64,7 +64,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ..core.config import EXTENSIONS, Extension
+from ..core.config import Extension
+from ..core.lora import register
 
 
 def pissa_factors(W, r, scaling):
@@ -127,4 +128,4 @@ def _check_config(cfg):
         raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={cfg.method!r} has its own")
 
 
-EXTENSIONS["pissa"] = Extension(inits=("pissa",), check=_check_config)
+register("pissa", Extension(inits=("pissa",), check=_check_config))

@@ -56,8 +56,8 @@ import math
 
 import numpy as np
 
-from ..core.config import EXTENSIONS, Extension, check_int
-from ..core.lora import METHODS, Method
+from ..core.config import Extension, check_int
+from ..core.lora import Method, register
 
 VERA_D_INIT = 0.1  # lambda_d's initial value: PEFT's VeraConfig.d_initial (it cites the paper's Table 6c)
 
@@ -216,7 +216,7 @@ def vera_linear_backward(dout, cache, *, need_dd=True, need_db=True):
 
 
 # ----------------------------------------------------------------------------
-# VeRA in the model: the core's seam (lora_np.core.lora.METHODS), filled
+# VeRA in the model: the core's seam (lora_np.core.lora.register), filled
 
 VERA_SHARED = "vera."  # the prefix of VeRA's frozen shared matrices: adapters, but never trained
 
@@ -309,5 +309,4 @@ def _check_config(cfg):
                          "initialization: leave rslora, lr_ratio and init at their defaults")  # fmt: skip
 
 
-EXTENSIONS["vera"] = Extension(methods=("vera",), check=_check_config)
-METHODS["vera"] = VeRA()
+register("vera", Extension(methods=("vera",), check=_check_config), {"vera": VeRA()})

@@ -41,7 +41,6 @@ QUALITY_SEEDS = (0, 1, 2)
 
 
 def _quality_config():
-
     d = DemoConfig()
     return {"seeds": list(QUALITY_SEEDS), "steps": d.steps, "rank": d.rank, "lr": d.lr, "full_lr": d.full_lr,
             "batch_size": d.batch_size, "pretrain_key": d.pretrain_key(), "model": vars(d.model),
@@ -58,7 +57,6 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
     {label: [one row a seed]}, each row with "new", "old", "gap_closed" (against the full
     fine-tuning run of the same seed), "trainable", "optimizer_state_bytes", "seconds".
     """
-
     t_start = time.perf_counter()
     _, out = compare_methods(SuccessorsConfig(seeds=QUALITY_SEEDS), QUALITY_METHODS, cache_dir, log)
     results = {"format_version": FORMAT_VERSION, "config": _quality_config(), **out}
@@ -70,7 +68,6 @@ def compare_on_demo(cache_dir=DEFAULT_CACHE, log=print):
 def load_results(path=DEFAULT_RESULTS, need_latency=True):
     """The results file, after checking that its quality runs were made with the code's configuration
     and that it holds a latency measurement (lora_np.studies.latency). ValueError says how to remake it."""
-
     results, fix = read_checked(path, json.loads(json.dumps(_quality_config())), FORMAT_VERSION, COMMAND)
     runs = results.get("runs")
     if not isinstance(runs, dict) or set(runs) != set(QUALITY_METHODS) or (need_latency and "latency" not in results):
@@ -80,7 +77,6 @@ def load_results(path=DEFAULT_RESULTS, need_latency=True):
 
 def main(argv=None, prog="python -m lora_np adapters"):
     """Write notebook 08's results file: the quality runs (minutes) and the latency measurement."""
-
     p = Parser(
         prog=prog,
         description="AdapterH and AdapterL against LoRA on the demo task (quality over seeds) "
@@ -124,7 +120,6 @@ def kept_part(path, only):
     """What `adapters --only ONLY` keeps from the existing results file: its latency measurement
     (only = "quality") or its quality runs, checked against the code's configuration (only =
     "latency"). ValueError naming the file and what it lacks, so that nothing is redone in vain."""
-
     fix = f"run `{COMMAND}` without --only"
     if only == "latency":
         results = load_results(path, need_latency=False)

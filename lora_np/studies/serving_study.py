@@ -77,7 +77,6 @@ def serving_cost(cfg, batch, tasks, reps, lora=SERVING_LORA):
       On a shared machine the CPU time is the steadier figure, and a ratio within one round compares
       two runs made moments apart, so a busy spell that hits a round hits both.
     """
-
     rng = np.random.default_rng(0)
     T = cfg.context_length
     tokens = rng.integers(0, cfg.vocab_size, size=(batch, T))  # (B, T)
@@ -126,7 +125,6 @@ def bench_serving(sizes=("demo", "d128"), reps=7, quick=False, log=print):
     - {"meta": {"reps", "quick", "threads", "load_before", "load_after", "numpy"},
        "sizes": [{"name", **serving_cost(...)}]}
     """
-
     known = {**SIZES, **QUICK_SIZES}
     if quick:
         sizes, reps = ("q32",), 1

@@ -334,7 +334,6 @@ def nf4_base_bytes(cfg, double_quant=False, block_size=64):
     Each weight is padded to whole blocks, as it is stored. With double quantization this is a
     lower bound by a few bytes a weight (a float32 mean, a last partial group of scales), which
     NF4Tensor.nbytes counts exactly."""
-
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     bits = nf4_bits_per_parameter(block_size, double_quant)
