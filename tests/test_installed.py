@@ -78,7 +78,7 @@ def test_figures_read_the_files_they_are_told(installed, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "quick" not in r.stdout  # bench.png is drawn from the committed run, not a quick one
     assert sorted(p.name for p in out.iterdir()) == ["bench.png", "rank_sweep.png"]
-    r = run("figures", "--out", str(out), "rank_sweep.png")  # no section7_results.json in the current folder
+    r = run("figures", "--out", str(out), "rank_sweep.png")  # no notebooks/section7_results.json here
     assert r.returncode == 2 and "section7_results.json" in r.stderr and "--results" in r.stderr, r.stderr
 
 

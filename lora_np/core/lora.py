@@ -266,8 +266,9 @@ def unmerge(merged, adapters, lora, norms=None):
     Subtracting the same s·B·A that merge added gives W0 back to within an ulp or so of W0 + s·B·A,
     not bit for bit: (W0 + Δ) - Δ rounds twice.
 
-    Inputs and Returns as in merge, with `merged` in place of params. `norms` only for a method
-    whose merged weight has lost what unmerging needs (DoRA: lora_np.variants.dora_norms explains).
+    Inputs and Returns as in merge, with `merged` in place of params. `norms` is for a method whose
+    merged weight has lost what unmerging needs (DoRA: lora_np.variants.dora_norms explains); LoRA's
+    does not, and ignores it.
     Adapters that merge did not fold into `merged` are refused (ValueError), not subtracted.
     """
     check_adapters(merged, adapters, lora)

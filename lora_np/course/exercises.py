@@ -89,7 +89,7 @@ FILES = (
         + _CHECK.format(ids="E5"),
         "from collections.abc import Mapping\n\n"
         "from lora_np.config import LoraConfig, ModelConfig, check_int\n"
-        "from lora_np.counting import _check_shapes, block_shapes",
+        "from lora_np.counting import check_shapes, block_shapes",
     ),
     HandoutFile(
         "lora_finetune.py",
@@ -98,7 +98,7 @@ FILES = (
         "backward are given: lora_np.train.loss_and_grads(params, x, y, adapters, lora, trainable).\n\n"
         + _CHECK.format(ids="E6"),
         "import math\nfrom numbers import Real\n\nimport numpy as np\n\n"
-        "from lora_np.optim import _check_positive, _Optimizer\n"
+        "from lora_np.optim import check_positive, Optimizer\n"
         "from lora_np.train import BIAS_OPTIONS",
     ),
     HandoutFile(

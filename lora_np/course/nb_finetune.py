@@ -112,7 +112,7 @@ Three things to get right:
    rebinding `self.arrays[name] = p - ...` would update a copy the model never sees.
 2. **Check `grads` first**: exactly the trained names, each gradient with its array's shape and dtype, else
    `ValueError`. A gradient of the wrong shape could otherwise broadcast and update silently.
-   `self._check_grads(grads)`, inherited from lora_np's `_Optimizer`, does this.
+   `self._check_grads(grads)`, inherited from lora_np's `Optimizer`, does this.
 3. **Keep the dtype**: use Python floats for the scalars, so float32 arrays stay float32.
 
 The cell below repeats Algorithm 1 by hand for three steps and compares; it also checks the in-place update.

@@ -171,6 +171,10 @@ class Sandbox:
             e = hello["import_error"]
             self.problem = (f"{self.file} could not be imported: {e['type']} at line {e['line'] or '?'}: "
                             f"{self._plain(e['message'])}")  # fmt: skip
+            if e["type"] == "ModuleNotFoundError" and self.settings.get("uid") is not None:
+                self.problem += (" (the grader runs your code as a user of its own, who may not be able to read "
+                                 "every module of this Python: the ones it loads first are listed in "
+                                 "lora_np/course/worker.py, PRELOAD; COURSE.md says more)")  # fmt: skip
             if e["type"] == "ImportError" and "from 'lora_np" in e["message"]:
                 self.problem += (" (the grader gives the student's code only the helpers the handout imports: "
                                  "the functions you write cannot come from lora_np)")  # fmt: skip

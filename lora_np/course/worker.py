@@ -26,7 +26,9 @@ import tracemalloc
 PRELOAD = ("numpy", "numpy.linalg", "numpy.random", "math", "cmath", "numbers", "collections", "collections.abc",
            "itertools", "functools", "operator", "dataclasses", "typing", "copy", "random", "statistics", "hashlib",
            "warnings", "inspect", "re", "json", "io", "string", "textwrap", "decimal", "fractions", "heapq",
-           "bisect", "enum", "abc", "contextlib", "traceback", "tracemalloc", "importlib.util", "lora_np",
+           "bisect", "enum", "abc", "contextlib", "traceback", "tracemalloc", "importlib.util", "glob", "pathlib",
+           "time", "datetime", "pprint", "struct", "array", "types", "weakref", "fnmatch", "unittest",
+           "numpy.testing", "numpy.fft", "numpy.polynomial", "lora_np",
            "lora_np.config", "lora_np.params", "lora_np.lora", "lora_np.counting", "lora_np.optim", "lora_np.train",
            "lora_np.layers", "lora_np.nf4", "wire")  # fmt: skip
 

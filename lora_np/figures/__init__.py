@@ -27,11 +27,11 @@ __all__ = ["FIGURES", "STYLE", "draw_bench", "draw_finetune_curves", "draw_param
 SECTION7_FIGURES = ("subspace_similarity.png", "rank_sweep.png", "weight_similarity.png")
 
 
-def make_all(out_dir, names=None, results_dir=".", bench_json=None, log=print):
+def make_all(out_dir, names=None, results_dir="notebooks", bench_json=None, log=print):
     """Write every figure (or those in `names`) into out_dir; returns {file name: numbers drawn}.
 
     Files are read where the caller says, never from beside the installed package: the Section 7
-    figures from results_dir/section7_results.json; bench.png from bench_json (None: out_dir/bench.json,
+    figures from results_dir/section7_results.json (default ./notebooks, where the repository keeps it); bench.png from bench_json (None: out_dir/bench.json,
     the run committed beside its figure), or from a quick run, said in a line, when there is none.
     """
     out_dir = Path(out_dir)

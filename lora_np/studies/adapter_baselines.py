@@ -1,6 +1,6 @@
 """The adapter baselines against LoRA: quality on the demo task and Table 1's latency (notebook 08's numbers).
 
-`python -m lora_np adapters` writes the results file notebook 08 reads. The layers themselves are
+`python -m lora_np adapters`, run in notebooks/ (or with --out), writes the results file notebook 08 reads. The layers themselves are
 lora_np.methods.adapters; the latency measurement is lora_np.studies.latency.
 """
 

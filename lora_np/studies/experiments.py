@@ -32,9 +32,10 @@ are shared through a `memo` dict, so `run_all` trains each run once. The measure
 live in lora_np.analysis; this module only trains and collects.
 
 The whole study takes about half an hour on one core, too long for a notebook, so its results are
-kept in notebooks/section7_results.json, rewritten by ONE command:
+kept in notebooks/section7_results.json, rewritten by ONE command, run in notebooks/ (the file
+goes to the current folder, or to --out):
 
-    python -m lora_np experiments
+    cd notebooks && python -m lora_np experiments
 
 The file records the configuration; `load_results` refuses a file whose configuration or format
 is not the code's, so a stale file cannot pass for fresh results.

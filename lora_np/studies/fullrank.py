@@ -33,9 +33,10 @@ The lr is chosen on one half of the validation sentences ("dev") and the loss re
 other half ("test"), so that the choice does not flatter the number reported.
 
 The study takes about 20 minutes on one (shared) core, so its results are kept in
-notebooks/fullrank_results.json, rewritten by one command:
+notebooks/fullrank_results.json, rewritten by one command, run in notebooks/ (the file goes to the
+current folder, or to --out):
 
-    python -m lora_np fullrank
+    cd notebooks && python -m lora_np fullrank
 
 Dimension legend: L layers, D model width, M MLP width, r rank, d_in / d_out a weight's input /
 output width.

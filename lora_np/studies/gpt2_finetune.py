@@ -205,9 +205,9 @@ def main(argv, prog="python -m lora_np gpt2"):
     try:
         run(a, checked=checked)
     except (CheckpointError, ValueError) as e:  # a file that does not fit, found once it is read
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0

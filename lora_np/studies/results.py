@@ -38,8 +38,9 @@ def read_json_object(path, fix):
     `fix`, the advice to follow. A folder, a FIFO or a device is refused without opening it (a
     FIFO would block the read forever)."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"no results file at {path}; {fix}")
+    if not path.exists():  # a relative path is the current folder's: say which, as a study may run anywhere
+        where = "" if path.is_absolute() else f" (in {Path.cwd()})"
+        raise ValueError(f"no results file at {path}{where}; {fix}, or name the file with --out")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a results file; {fix}")
     if not path.is_file():

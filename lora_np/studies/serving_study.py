@@ -1,6 +1,6 @@
 """Section 4.2 measured: one mixed batch served unmerged against one merged model per task (notebook 09).
 
-`python -m lora_np serving` writes the results file notebook 09 reads. The technique itself is
+`python -m lora_np serving`, run in notebooks/ (or with --out), writes the results file notebook 09 reads. The technique itself is
 lora_np.methods.serving.
 """
 

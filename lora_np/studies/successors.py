@@ -12,9 +12,10 @@ trainable numbers, the optimizer state and the time (evaluations included). L_ba
 float32 base for every method; QLoRA starts from its 4-bit copy, whose own loss ("start") is
 recorded beside it. Notebook 07 reads the results; the 24 runs take a few minutes on one idle
 core, too long for a notebook, so they are kept in notebooks/successors_results.json,
-rewritten by one command (with OPENBLAS_NUM_THREADS=1 on a shared machine):
+rewritten by one command, run in notebooks/ (the file goes to the current folder, or to --out;
+OPENBLAS_NUM_THREADS=1 on a shared machine):
 
-    python -m lora_np successors
+    cd notebooks && python -m lora_np successors
 
 `load_results` refuses a file whose configuration is not the code's.
 """

@@ -110,7 +110,8 @@ def block_shapes(d_model, d_mlp):
     return {"W_q": (D, D), "W_k": (D, D), "W_v": (D, D), "W_o": (D, D), "W_1": (M, D), "W_2": (D, M)}
 
 
-def _check_shapes(shapes):
+def check_shapes(shapes):
+    """TypeError or ValueError unless `shapes` is a non-empty {name: (d_out, d_in)} of positive ints."""
     if not isinstance(shapes, Mapping):
         raise TypeError(f"shapes must be a dict name -> (d_out, d_in), got {type(shapes).__name__}")
     if not shapes:
@@ -142,7 +143,7 @@ def lora_transformer_params(n_layers, ranks, shapes):
     - int
     """
     n_layers = check_int("n_layers", n_layers)
-    _check_shapes(shapes)
+    check_shapes(shapes)
     if not isinstance(ranks, Mapping):
         raise TypeError(f"ranks must be a dict name -> rank, such as {{'W_q': 4, 'W_v': 4}}, got {ranks!r}")
     if not ranks:

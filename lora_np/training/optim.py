@@ -16,7 +16,7 @@ from numbers import Real
 import numpy as np
 
 
-def _check_positive(name, value, allow_zero=False):
+def check_positive(name, value, allow_zero=False):
     """The value as a Python float (a NumPy float64 scalar would upcast float32 updates), or an error."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if not (ok and (value >= 0 if allow_zero else value > 0)):
@@ -24,12 +24,15 @@ def _check_positive(name, value, allow_zero=False):
     return float(value)
 
 
-class _Optimizer:
+class Optimizer:
+    """What SGD and AdamW share: the arrays they train (updated in place), the learning rate, and the
+    check that a step's gradients name exactly those arrays (_check_grads, for subclasses)."""
+
     def __init__(self, arrays, lr):
         if not isinstance(arrays, dict) or not arrays:
             raise ValueError(f"arrays must be a non-empty dict of name -> array to train, got {arrays!r:.60}")
         self.arrays = arrays  # the very arrays of params/adapters: updated in place
-        self.lr = _check_positive("lr", lr)
+        self.lr = check_positive("lr", lr)
 
     def _check_grads(self, grads):
         if set(grads) != set(self.arrays):
@@ -47,7 +50,7 @@ class _Optimizer:
         return sum(a.nbytes for state in self.state.values() for a in state.values())
 
 
-class SGD(_Optimizer):
+class SGD(Optimizer):
     """p ← p - lr·v with v ← momentum·v + g (v = g when momentum is 0: no state at all)."""
 
     def __init__(self, arrays, lr, momentum=0.0):
@@ -69,7 +72,7 @@ class SGD(_Optimizer):
             p -= self.lr * g
 
 
-class AdamW(_Optimizer):
+class AdamW(Optimizer):
     """Adam with bias correction and decoupled weight decay.
 
     For each trained array p with gradient g, at step t = 1, 2, ...:
@@ -91,7 +94,7 @@ class AdamW(_Optimizer):
         lr_scale = {} if lr_scale is None else lr_scale
         if not isinstance(lr_scale, dict) or not set(lr_scale) <= set(arrays):
             raise ValueError(f"lr_scale must be a dict of trained names -> multiplier, got {str(lr_scale)[:80]}")
-        self.lr_scale = {name: _check_positive(f"lr_scale[{name!r}]", k) for name, k in lr_scale.items()}
+        self.lr_scale = {name: check_positive(f"lr_scale[{name!r}]", k) for name, k in lr_scale.items()}
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = betas
@@ -99,8 +102,8 @@ class AdamW(_Optimizer):
             if not isinstance(b, Real) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {b!r}")
         self.b1, self.b2 = float(b1), float(b2)
-        self.eps = _check_positive("eps", eps)
-        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.eps = check_positive("eps", eps)
+        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
         self.t = 0
         self.state = {name: {"m": np.zeros_like(a), "v": np.zeros_like(a)} for name, a in arrays.items()}
 
