@@ -33,6 +33,8 @@ class Extension:
     - check: check(lora), run on every LoraConfig once its fields are valid; raises ValueError on a
       combination of fields that would not mean what it says (e.g. the method's own option set
       under another method)
+    - start: start(params, lora, seed) -> (params, adapters), for a config it owns whose start needs
+      the base weights (an SVD of W0, its norms, a quantized copy); None: init_lora's start
     """
 
     methods: tuple = ()
@@ -40,6 +42,11 @@ class Extension:
     inits: tuple = ()
     base_quants: tuple = ()
     check: Callable = None
+    start: Callable = None
+
+    def owns(self, lora):
+        """True when `lora` chooses one of the values this extension adds."""
+        return lora.method in self.methods or lora.init in self.inits or lora.base_quant in self.base_quants
 
 
 EXTENSIONS = {}  # name -> Extension, one for each later method (lora_np/methods/ fills it)

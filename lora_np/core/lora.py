@@ -29,7 +29,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .config import EXTENSIONS, Extension, LoraConfig, ModelConfig
-from .params import Params, check_seed
+from .params import Params, check_params, check_seed
 
 # ----------------------------------------------------------------------------
 # the seam: every method other than plain LoRA
@@ -177,7 +177,7 @@ def init_lora(cfg, lora, seed):
         return METHODS[lora.method].init(cfg, lora, seed)
     if lora.init not in ("gaussian", "kaiming"):  # an init computed from W0 needs the base weights
         raise ValueError(f"init={lora.init!r} initializes from the base weights W0: use "
-                         f"lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
+                         f"init_adapters(params, lora, seed), which returns (params, adapters)")
     rng = np.random.default_rng(seed)
     adapters = {}
     for name, shape in adapter_names(cfg, lora).items():
@@ -191,6 +191,25 @@ def init_lora(cfg, lora, seed):
             bound = 1.0 / np.sqrt(d_in)
             adapters[name] = rng.uniform(-bound, bound, size=shape)
     return adapters
+
+
+def init_adapters(params, lora, seed):
+    """Every method's starting point, from the base weights: (params to train on, adapters).
+
+    LoRA's is init_lora's, in the params' dtype, on the base as it is. A later method whose start
+    needs the base weights gives its own in its Extension (start): PiSSA's A, B from W0's singular
+    triplets and the residual base, DoRA's magnitude m = ‖W0‖, QLoRA's 4-bit copy of the base.
+    Every start leaves the model exactly the base model, or to round-off where an SVD is involved.
+    """
+    check_params(params)
+    if not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    check_seed(seed)
+    for extension in EXTENSIONS.values():
+        if extension.start is not None and extension.owns(lora):
+            return extension.start(params, lora, seed)
+    dtype = params["W_e"].dtype
+    return params, {k: v.astype(dtype) for k, v in init_lora(params.config, lora, seed).items()}
 
 
 def check_adapters(params, adapters, lora):

@@ -40,8 +40,8 @@ References
 
 import numpy as np
 
-from ..core.config import Extension
-from ..core.lora import Method, register
+from ..core.config import Extension, LoraConfig
+from ..core.lora import Method, init_lora, register
 
 # ----------------------------------------------------------------------------
 # the row norms of V = W0 + s·B·A, without forming V
@@ -373,7 +373,7 @@ class DoRA(Method):
 
     def init(self, cfg, lora, seed):
         raise ValueError(f"method={lora.method!r}, init={lora.init!r} initializes from the base weights W0: "
-                         f"use lora_np.variants.init_adapters(params, lora, seed), which returns (params, adapters)")
+                         f"use init_adapters(params, lora, seed), which returns (params, adapters)")
 
     def linear_forward(self, x, W, b, adapters, name, lora, dropout, rng):
         A, B, m = adapters[name + ".A"], adapters[name + ".B"], adapters[name + ".m"]
@@ -409,6 +409,17 @@ def _adapted(cfg, lora):
     return [f"blocks.{l}.{t}" for l in range(cfg.n_layers) for t in lora.targets]
 
 
+def dora_start(params, lora, seed):
+    """DoRA's start: LoRA's A and B = 0, and the magnitude m = the row norms of W0 (paper, eq. 2)."""
+    plain = LoraConfig(r=lora.r, alpha=lora.alpha, targets=lora.targets, init=lora.init, rslora=lora.rslora)
+    adapters = {k: v.astype(params["W_e"].dtype) for k, v in init_lora(params.config, plain, seed).items()}
+    for name in _adapted(params.config, lora):
+        A, B = adapters[name + ".A"], adapters[name + ".B"]
+        # m = ‖W0‖ by the very function the forward uses, with B = 0: m/‖V‖ is then 1.0 exactly
+        adapters[name + ".m"] = dora_weight_norm(params[name], A, B, lora.scaling)
+    return params, adapters
+
+
 def _check_config(cfg):
     if not isinstance(cfg.dora_exact_norm, bool):
         raise TypeError(f"dora_exact_norm must be True or False, got {cfg.dora_exact_norm!r}")
@@ -416,4 +427,4 @@ def _check_config(cfg):
         raise ValueError(f"dora_exact_norm applies to method='dora', got method={cfg.method!r}")
 
 
-register("dora", Extension(methods=("dora",), check=_check_config), {"dora": DoRA()})
+register("dora", Extension(methods=("dora",), check=_check_config, start=dora_start), {"dora": DoRA()})

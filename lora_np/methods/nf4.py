@@ -87,7 +87,8 @@ from statistics import NormalDist
 import numpy as np
 
 from ..core.config import Extension, check_int
-from ..core.lora import register
+from ..core.lora import init_lora, register
+from ..core.params import QUANTIZABLE
 
 K_BITS = 4  # k in the paper: NF4 is NFk with k = 4, 2^k = 16 values
 
@@ -439,6 +440,21 @@ def nf4_bits_per_parameter(block_size=64, double_quant=False, dq_block_size=256)
 # QLoRA's base in LoraConfig (base_quant="nf4"): the core's seam on the configuration's side
 
 
+def quantize_base(params, lora):
+    """A Params whose blocks' linear weights are NF4Tensors (QLoRA's base); everything else shared."""
+    out = params.copy()
+    for name in params:
+        if name.rsplit(".", 1)[-1] in QUANTIZABLE:
+            out[name] = quantize_nf4(params[name], double_quant=lora.double_quant, dtype=params[name].dtype)
+    return out
+
+
+def nf4_start(params, lora, seed):
+    """QLoRA's start: LoRA's A and B = 0, on a 4-bit copy of the base."""
+    adapters = {k: v.astype(params["W_e"].dtype) for k, v in init_lora(params.config, lora, seed).items()}
+    return quantize_base(params, lora), adapters
+
+
 def _check_config(cfg):
     if not isinstance(cfg.double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {cfg.double_quant!r}")
@@ -449,4 +465,4 @@ def _check_config(cfg):
         raise ValueError("double_quant quantizes the scales of an nf4 base: set base_quant='nf4' too")
 
 
-register("nf4", Extension(base_quants=("nf4",), check=_check_config))
+register("nf4", Extension(base_quants=("nf4",), check=_check_config, start=nf4_start))

@@ -123,9 +123,22 @@ def pissa_factors(W, r, scaling):
 # PiSSA in LoraConfig (init="pissa"): the core's seam on the configuration's side
 
 
+def pissa_start(params, lora, seed):
+    """PiSSA's start: A, B from each adapted W0's top-r singular triplets, and the residual W0 - s·B·A as
+    the base to train on (in float64, then the params' dtype). The seed is not used: nothing is random."""
+    base, adapters, dtype = params.copy(), {}, params["W_e"].dtype
+    for l in range(params.config.n_layers):
+        for t in lora.targets:
+            name = f"blocks.{l}.{t}"
+            A, B, residual = pissa_factors(params[name].astype(np.float64), lora.r, lora.scaling)
+            adapters[name + ".A"], adapters[name + ".B"] = A.astype(dtype), B.astype(dtype)
+            base[name] = residual.astype(dtype)
+    return base, adapters
+
+
 def _check_config(cfg):
     if cfg.init == "pissa" and cfg.method != "lora":
         raise ValueError(f"init='pissa' is an initialization of LoRA's A and B; method={cfg.method!r} has its own")
 
 
-register("pissa", Extension(inits=("pissa",), check=_check_config))
+register("pissa", Extension(inits=("pissa",), check=_check_config, start=pissa_start))

@@ -4,8 +4,9 @@ Each method is a layer pair of its own (dora.py, vera.py; LoRA itself in layers.
 module plugs into the core's table (lora_np.core.lora.METHODS) for model.py, merge and unmerge to
 find. This module does what needs the whole model or the base weights:
 
-- init_adapters(params, lora, seed) -> (params, adapters): every method's starting point, which
-  for each is exactly (or, with an SVD, to round-off) the base model:
+- init_adapters(params, lora, seed) -> (params, adapters): every method's starting point (the
+  core's, lora_np.core.lora.init_adapters, which each method's module extends with its own start),
+  which for each is exactly (or, with an SVD, to round-off) the base model:
     LoRA       A random, B = 0                                 (Hu et al. 2021, Section 4.1)
     PiSSA      A, B from W0's top-r singular triplets, W0 replaced by the residual W0 - s·B·A
                (Meng et al. 2024)
@@ -26,59 +27,15 @@ update is too small to learn features or A's is so large it is unstable; with η
 dependent; λ = 16 here is the `loraplus_lr_ratio` of PEFT's LoRA+ example.
 """
 
-import numpy as np
-
-from ..core.config import LoraConfig
-from ..core.lora import init_lora, merge, trainable_adapters, unmerge
-from ..core.params import QUANTIZABLE, check_params, check_seed
+from ..core.lora import init_adapters, merge, trainable_adapters, unmerge
 from .dora import dora_weight_norm
-from .nf4 import quantize_nf4
-from .pissa import pissa_factors
+from .nf4 import quantize_base
+
+__all__ = ["dora_norms", "init_adapters", "lr_scales", "merge_variant", "quantize_base", "unmerge_variant"]
 
 
 def _adapted(cfg, lora):
     return [(f"blocks.{l}.{t}", t) for l in range(cfg.n_layers) for t in lora.targets]
-
-
-def init_adapters(params, lora, seed):
-    """Every method's starting point, from the base weights: (params to train on, adapters).
-
-    The params returned are the base itself, except under PiSSA (the residual W0 - s·B·A
-    replaces each adapted W0) and with base_quant="nf4" (the blocks' linear weights become
-    NF4Tensors). Adapters come in the params' dtype. The adapter methods' layers start as the
-    identity (lora_np.adapters.init_adapter_layers), so the model starts as exactly the base.
-    """
-    check_params(params)
-    if not isinstance(lora, LoraConfig):
-        raise TypeError(f"lora must be a LoraConfig, got {type(lora).__name__}")
-    check_seed(seed)
-    cfg, dtype = params.config, params["W_e"].dtype
-    if lora.init == "pissa":
-        base, adapters = params.copy(), {}
-        for name, _ in _adapted(cfg, lora):
-            A, B, residual = pissa_factors(params[name].astype(np.float64), lora.r, lora.scaling)
-            adapters[name + ".A"], adapters[name + ".B"] = A.astype(dtype), B.astype(dtype)
-            base[name] = residual.astype(dtype)
-        return base, adapters
-    if lora.method == "dora":
-        plain = LoraConfig(r=lora.r, alpha=lora.alpha, targets=lora.targets, init=lora.init, rslora=lora.rslora)
-        adapters = {k: v.astype(dtype) for k, v in init_lora(cfg, plain, seed).items()}
-        for name, _ in _adapted(cfg, lora):
-            A, B = adapters[name + ".A"], adapters[name + ".B"]
-            # m = ‖W0‖ by the very function the forward uses, with B = 0: m/‖V‖ is then 1.0 exactly
-            adapters[name + ".m"] = dora_weight_norm(params[name], A, B, lora.scaling)
-        return params, adapters
-    adapters = {k: v.astype(dtype) for k, v in init_lora(cfg, lora, seed).items()}
-    return (quantize_base(params, lora) if lora.base_quant else params), adapters
-
-
-def quantize_base(params, lora):
-    """A Params whose blocks' linear weights are NF4Tensors (QLoRA's base); everything else shared."""
-    out = params.copy()
-    for name in params:
-        if name.rsplit(".", 1)[-1] in QUANTIZABLE:
-            out[name] = quantize_nf4(params[name], double_quant=lora.double_quant, dtype=params[name].dtype)
-    return out
 
 
 def lr_scales(adapters, lora):
