@@ -30,8 +30,10 @@ dependent; λ = 16 here is the `loraplus_lr_ratio` of PEFT's LoRA+ example.
 from ..core.lora import init_adapters, merge, trainable_adapters, unmerge
 from .dora import dora_weight_norm
 from .nf4 import quantize_base
+from .vera import init_vera
 
-__all__ = ["dora_norms", "init_adapters", "lr_scales", "merge_variant", "quantize_base", "unmerge_variant"]
+# init_adapters is the core's, quantize_base nf4's and init_vera vera's: kept importable from here, where they were
+__all__ = ["dora_norms", "init_adapters", "init_vera", "lr_scales", "merge_variant", "quantize_base", "unmerge_variant"]
 
 
 def _adapted(cfg, lora):
