@@ -19,7 +19,8 @@ DEFAULT_TARGETS = ("W_q", "W_v")  # LoraConfig's default, the paper's choice for
 # ----------------------------------------------------------------------------
 # The seam, on the configuration's side. LoRA's own choices are these: method "lora", A drawn
 # "gaussian" (the paper) or "kaiming" (loralib's and PEFT's), a base kept as it is. A method that
-# came later widens them from its own module (lora_np/methods/), by adding an Extension here.
+# came later widens them from its own module (lora_np/methods/) with core.lora.register, which
+# adds its Extension here.
 
 
 @dataclass(frozen=True)
