@@ -159,3 +159,23 @@ def test_nan_or_inf_in_a_tensor_is_refused_naming_the_tensor(tmp_path, f, l, val
     with pytest.raises(CheckpointError, match=rf"{name} has 1 of its {weights[name].size} values NaN or inf, the "
                        rf"first {value} at \(2, 3\); allowed: finite values"):  # fmt: skip
         import_peft(adapter(tmp_path, weights=weights), CFG)
+
+
+# PEFT reads a string target_modules as a regular expression, matched with re.fullmatch against each module's
+# whole name (peft/tuners/tuners_utils.py, check_target_module_exists); a list, as names or name suffixes.
+@pytest.mark.parametrize("targets, imported", [
+    (["c_attn"], True),
+    (r".*\.c_attn", True),
+    (r"transformer\.h\.\d+\.attn\.c_attn", True),
+    ("c_attn", False),  # matches no module's whole name: PEFT would have adapted nothing
+    (r".*c_.*", False),  # c_proj and c_fc too
+    ("[", False),  # not a regular expression
+    (["c_attn", "c_proj"], False),
+])  # fmt: skip
+def test_target_modules_as_peft_reads_them(tmp_path, targets, imported):
+    path = adapter(tmp_path, target_modules=targets)
+    if imported:
+        assert import_peft(path, CFG)[1].r == R
+    else:
+        with pytest.raises(CheckpointError, match=r"target_modules = .*; allowed: \[\"c_attn\"\], or a regular"):
+            import_peft(path, CFG)

@@ -36,6 +36,7 @@ Dimension legend: D model width, r lora_np's rank, r' PEFT's rank, L layers.
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -170,9 +171,11 @@ def _read_config(file):
     for field, (allowed, why) in MUST_BE.items():
         if field in config and not _one_of(config[field], allowed):
             refuse(field, " or ".join(json.dumps(a) for a in allowed), why)
-    if config.get("target_modules", None) not in (["c_attn"], "c_attn"):
+    if not _targets_c_attn_only(config.get("target_modules", None)):
         raise CheckpointError(f"{file}: target_modules = {_json(config.get('target_modules'))}; allowed: "
-                              f'["c_attn"] (lora_np imports adapters of c_attn only)')  # fmt: skip
+                              f'["c_attn"], or a regular expression that matches GPT-2\'s c_attn modules and no other '
+                              f"(PEFT matches a string against each module's whole name; lora_np imports adapters of "
+                              f"c_attn only)")  # fmt: skip
     init = config.get("init_lora_weights", True)
     if not _one_of(init, PLAIN_INITS):
         plain = ", ".join(json.dumps(a) for a in PLAIN_INITS) + " (they choose the starting A and B alone)"
@@ -199,6 +202,26 @@ def _read_config(file):
     if "fan_in_fan_out" in config and type(config["fan_in_fan_out"]) is not bool:
         refuse("fan_in_fan_out", "true or false (JSON booleans)")
     return r, float(alpha), rslora, float(dropout)
+
+
+# GPT-2's module names as PEFT sees them (model.named_modules()), one block's worth: what a string
+# target_modules, a regular expression, is matched against
+GPT2_MODULES = ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                "transformer.h.0.mlp.c_proj", "transformer.wte", "transformer.wpe", "lm_head")  # fmt: skip
+
+
+def _targets_c_attn_only(targets):
+    """True for ["c_attn"], or for a string that PEFT's re.fullmatch on a module's name would match for
+    c_attn and for nothing else (PEFT reads a list as name suffixes, a string as a regular expression)."""
+    if targets == ["c_attn"]:
+        return True
+    if not isinstance(targets, str):
+        return False
+    try:
+        pattern = re.compile(targets)
+    except re.error:
+        return False
+    return [bool(pattern.fullmatch(name)) for name in GPT2_MODULES] == [True] + [False] * (len(GPT2_MODULES) - 1)
 
 
 def import_peft(path, cfg):
