@@ -414,9 +414,8 @@ def dora_start(params, lora, seed):
     plain = LoraConfig(r=lora.r, alpha=lora.alpha, targets=lora.targets, init=lora.init, rslora=lora.rslora)
     adapters = {k: v.astype(params["W_e"].dtype) for k, v in init_lora(params.config, plain, seed).items()}
     for name in _adapted(params.config, lora):
-        A, B = adapters[name + ".A"], adapters[name + ".B"]
-        # m = ‖W0‖ by the very function the forward uses, with B = 0: m/‖V‖ is then 1.0 exactly
-        adapters[name + ".m"] = dora_weight_norm(params[name], A, B, lora.scaling)
+        # m = ‖W0‖ through the forward's own norm at B = 0, so that m/‖V‖ is 1.0 exactly
+        adapters[name + ".m"] = dora_magnitude_init(params[name], adapters[name + ".A"], lora.scaling)
     return params, adapters
 
 
